@@ -1,0 +1,519 @@
+//! The guest memory handle and its regions.
+
+use crate::alloc::HeapAllocation;
+use crate::{AccessError, BuildError, PAGE_SIZE64};
+use std::any::Any;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// A cheap-clone handle to guest RAM.
+///
+/// Guest RAM is a set of non-overlapping regions, each a page-aligned run of guest physical
+/// addresses backed by host memory the handle keeps alive. Cloning the handle clones an
+/// `Arc`; the regions are unmapped when the last clone (or [`LockedPages`](crate::LockedPages))
+/// goes away.
+///
+/// Why a struct and not a trait object: every request touches guest memory several times,
+/// and a concrete type keeps those accesses free of dynamic dispatch and lets
+/// [`lock`](Self::lock) hand out host addresses for zero-copy I/O. Backings that this crate
+/// does not create itself are attached with [`GuestMemoryBuilder::external`].
+#[derive(Clone)]
+pub struct GuestMemory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Sorted by `gpa`, non-overlapping.
+    regions: Box<[Region]>,
+}
+
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+    writable: bool,
+    _backing: Backing,
+}
+
+// SAFETY: `host` points into `_backing`, which the region owns (or keeps alive) and which has
+// no thread affinity; all access through `host` is by raw copies that tolerate concurrent
+// writers.
+unsafe impl Send for Region {}
+// SAFETY: as above: shared access to a `Region` only ever reads `host` and copies through it.
+unsafe impl Sync for Region {}
+
+/// What keeps a region's memory alive; never read, only dropped.
+#[expect(dead_code, reason = "held only for its destructor")]
+enum Backing {
+    Heap(HeapAllocation),
+    Mapping(Mapping),
+    External(Arc<dyn Any + Send + Sync>),
+}
+
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping created by `mmap` that nothing else unmaps.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl Region {
+    fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut list = f.debug_list();
+        for region in self.inner.regions.iter() {
+            list.entry(&format_args!(
+                "{:#x}..{:#x}{}",
+                region.gpa,
+                region.end(),
+                if region.writable { "" } else { " (ro)" }
+            ));
+        }
+        list.finish()
+    }
+}
+
+impl GuestMemory {
+    /// Guest memory with no regions: every non-empty access fails.
+    pub fn empty() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                regions: Box::new([]),
+            }),
+        }
+    }
+
+    /// Zeroed heap memory at guest physical address 0, `len` rounded up to whole pages.
+    ///
+    /// This is what tests and owned request buffers use.
+    pub fn allocate(len: usize) -> Self {
+        let len = len.next_multiple_of(crate::PAGE_SIZE);
+        if len == 0 {
+            return Self::empty();
+        }
+        Self::builder()
+            .heap(0, len as u64)
+            .and_then(GuestMemoryBuilder::build)
+            .expect("a single page-aligned heap region at 0 is always valid")
+    }
+
+    /// Starts describing guest memory region by region.
+    pub fn builder() -> GuestMemoryBuilder {
+        GuestMemoryBuilder {
+            regions: Vec::new(),
+        }
+    }
+
+    /// The regions as `(guest physical address, length in bytes, writable)`, sorted by address.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        self.inner
+            .regions
+            .iter()
+            .map(|r| (r.gpa, r.len, r.writable))
+    }
+
+    /// Checks that `gpa..gpa+len` is backed by guest memory (and writable if `write`).
+    pub fn check_range(&self, gpa: u64, len: usize, write: bool) -> Result<(), AccessError> {
+        self.walk(gpa, len, write, |_, _, _| {})
+    }
+
+    /// Copies guest memory at `gpa` into `dst`.
+    pub fn read_at(&self, gpa: u64, dst: &mut [u8]) -> Result<(), AccessError> {
+        self.check_range(gpa, dst.len(), false)?;
+        self.walk(gpa, dst.len(), false, |host, offset, len| {
+            // SAFETY: `walk` guarantees `host..host+len` lies inside a live region, and
+            // `offset + len <= dst.len()`. Guest memory is never referenced, only copied, so a
+            // concurrent writer can at worst produce torn bytes, which plain data tolerates.
+            unsafe { std::ptr::copy_nonoverlapping(host, dst.as_mut_ptr().add(offset), len) }
+        })
+    }
+
+    /// Copies `src` into guest memory at `gpa`.
+    pub fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), AccessError> {
+        self.check_range(gpa, src.len(), true)?;
+        self.walk(gpa, src.len(), true, |host, offset, len| {
+            // SAFETY: as in `read_at`; the region is writable (checked above) and `src` is a
+            // host buffer, so the two cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(offset), host, len) }
+        })
+    }
+
+    /// Sets `len` bytes of guest memory at `gpa` to `value`.
+    pub fn fill_at(&self, gpa: u64, value: u8, len: usize) -> Result<(), AccessError> {
+        self.check_range(gpa, len, true)?;
+        self.walk(gpa, len, true, |host, _, len| {
+            // SAFETY: `host..host+len` lies inside a live, writable region.
+            unsafe { std::ptr::write_bytes(host, value, len) }
+        })
+    }
+
+    /// Reads a plain-data value from guest memory.
+    pub fn read_plain<T: FromBytes + IntoBytes>(&self, gpa: u64) -> Result<T, AccessError> {
+        let mut value = T::new_zeroed();
+        self.read_at(gpa, value.as_mut_bytes())?;
+        Ok(value)
+    }
+
+    /// Writes a plain-data value to guest memory.
+    pub fn write_plain<T: IntoBytes + Immutable>(
+        &self,
+        gpa: u64,
+        value: &T,
+    ) -> Result<(), AccessError> {
+        self.write_at(gpa, value.as_bytes())
+    }
+
+    /// Calls `f(host_address, offset_into_access, run_len)` for each region-contiguous run of
+    /// `gpa..gpa+len`, in order. Fails before calling `f` for a run that is not backed (so
+    /// callers that need all-or-nothing validate first with `check_range`).
+    pub(crate) fn walk(
+        &self,
+        gpa: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let len64 = len as u64;
+        let end = gpa
+            .checked_add(len64)
+            .ok_or(AccessError::AddressOverflow { gpa, len: len64 })?;
+        let regions = &self.inner.regions;
+        let mut cur = gpa;
+        while cur < end {
+            let index = regions.partition_point(|r| r.gpa <= cur);
+            let region = index
+                .checked_sub(1)
+                .map(|i| &regions[i])
+                .filter(|r| cur < r.end())
+                .ok_or(AccessError::OutOfRange { gpa, len: len64 })?;
+            if write && !region.writable {
+                return Err(AccessError::ReadOnly { gpa: cur });
+            }
+            let run = end.min(region.end()) - cur;
+            // SAFETY: `cur - region.gpa < region.len`, and the region maps `len` bytes at
+            // `host`, so the offset stays inside the allocation.
+            let host = unsafe { region.host.add((cur - region.gpa) as usize) };
+            f(host, (cur - gpa) as usize, run as usize);
+            cur += run;
+        }
+        Ok(())
+    }
+}
+
+/// Describes the regions of a [`GuestMemory`].
+///
+/// Every region starts at a page-aligned guest physical address and is a non-zero multiple of
+/// the page size; regions may not overlap.
+///
+/// ```
+/// use guestmem::GuestMemory;
+///
+/// let mem = GuestMemory::builder()
+///     .heap(0, 1 << 20)?
+///     .anonymous(1 << 32, 1 << 20)?
+///     .build()?;
+/// mem.write_plain(1 << 32, &7u32)?;
+/// assert!(mem.read_plain::<u32>(1 << 21).is_err()); // the hole between the regions
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct GuestMemoryBuilder {
+    regions: Vec<Region>,
+}
+
+impl GuestMemoryBuilder {
+    fn check(gpa: u64, len: u64) -> Result<usize, BuildError> {
+        if len == 0 || !gpa.is_multiple_of(PAGE_SIZE64) || !len.is_multiple_of(PAGE_SIZE64) {
+            return Err(BuildError::Unaligned { gpa, len });
+        }
+        if gpa.checked_add(len).is_none() || len > isize::MAX as u64 {
+            return Err(BuildError::TooLarge { gpa, len });
+        }
+        Ok(len as usize)
+    }
+
+    /// Adds zeroed heap memory.
+    pub fn heap(mut self, gpa: u64, len: u64) -> Result<Self, BuildError> {
+        let host_len = Self::check(gpa, len)?;
+        let alloc = HeapAllocation::zeroed(host_len);
+        self.regions.push(Region {
+            gpa,
+            len,
+            host: alloc.as_ptr(),
+            writable: true,
+            _backing: Backing::Heap(alloc),
+        });
+        Ok(self)
+    }
+
+    /// Adds zeroed, lazily committed anonymous memory (`mmap` with `MAP_NORESERVE`).
+    pub fn anonymous(self, gpa: u64, len: u64) -> Result<Self, BuildError> {
+        let host_len = Self::check(gpa, len)?;
+        self.map(
+            gpa,
+            host_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    }
+
+    /// Adds a shared mapping of `len` bytes of `fd` starting at `file_offset`, as a VMM or a
+    /// vhost-user backend maps the memory file descriptors it is given.
+    ///
+    /// The mapping stays valid after `fd` is closed.
+    pub fn file(
+        self,
+        gpa: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        writable: bool,
+    ) -> Result<Self, BuildError> {
+        let host_len = Self::check(gpa, len)?;
+        let offset =
+            libc::off_t::try_from(file_offset).map_err(|_| BuildError::TooLarge { gpa, len })?;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        self.map(
+            gpa,
+            host_len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset,
+        )
+    }
+
+    fn map(
+        mut self,
+        gpa: u64,
+        len: usize,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: libc::off_t,
+    ) -> Result<Self, BuildError> {
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) cannot alias any Rust
+        // object; failure is reported as MAP_FAILED and handled below.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
+        if ptr == libc::MAP_FAILED {
+            return Err(BuildError::Map {
+                gpa,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = ptr.cast::<u8>();
+        self.regions.push(Region {
+            gpa,
+            len: len as u64,
+            host: ptr,
+            writable: prot & libc::PROT_WRITE != 0,
+            _backing: Backing::Mapping(Mapping { ptr, len }),
+        });
+        Ok(self)
+    }
+
+    /// Adds host memory mapped by someone else.
+    ///
+    /// `keep_alive` is held for as long as any handle to the memory exists; dropping it must
+    /// be what releases the memory (if anything does).
+    ///
+    /// # Safety
+    ///
+    /// `host..host+len` must be valid for reads (and writes, if `writable`) for as long as
+    /// `keep_alive` lives, and must not be accessed through Rust references while any
+    /// [`GuestMemory`] built from it exists.
+    pub unsafe fn external(
+        mut self,
+        gpa: u64,
+        len: u64,
+        host: *mut u8,
+        writable: bool,
+        keep_alive: Arc<dyn Any + Send + Sync>,
+    ) -> Result<Self, BuildError> {
+        Self::check(gpa, len)?;
+        self.regions.push(Region {
+            gpa,
+            len,
+            host,
+            writable,
+            _backing: Backing::External(keep_alive),
+        });
+        Ok(self)
+    }
+
+    /// Validates that no regions overlap and builds the handle.
+    pub fn build(mut self) -> Result<GuestMemory, BuildError> {
+        self.regions.sort_by_key(|r| r.gpa);
+        for pair in self.regions.windows(2) {
+            if pair[1].gpa < pair[0].end() {
+                return Err(BuildError::Overlap { gpa: pair[1].gpa });
+            }
+        }
+        Ok(GuestMemory {
+            inner: Arc::new(Inner {
+                regions: self.regions.into_boxed_slice(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PAGE_SIZE;
+
+    #[test]
+    fn edges_are_errors_not_panics() {
+        let mem = GuestMemory::allocate(2 * PAGE_SIZE);
+        let end = 2 * PAGE_SIZE64;
+        let mut buf = [0u8; 16];
+        assert!(mem.read_at(end - 16, &mut buf).is_ok());
+        assert_eq!(
+            mem.read_at(end - 15, &mut buf),
+            Err(AccessError::OutOfRange {
+                gpa: end - 15,
+                len: 16
+            })
+        );
+        assert_eq!(
+            mem.read_at(u64::MAX - 7, &mut buf),
+            Err(AccessError::AddressOverflow {
+                gpa: u64::MAX - 7,
+                len: 16
+            })
+        );
+        assert!(mem.read_at(u64::MAX, &mut []).is_ok());
+        assert!(mem.fill_at(end, 1, 1).is_err());
+        assert!(GuestMemory::empty().read_plain::<u8>(0).is_err());
+    }
+
+    #[test]
+    fn accesses_span_adjacent_regions() {
+        let mem = GuestMemory::builder()
+            .heap(0, PAGE_SIZE64)
+            .unwrap()
+            .anonymous(PAGE_SIZE64, PAGE_SIZE64)
+            .unwrap()
+            .build()
+            .unwrap();
+        let data: Vec<u8> = (0..64).collect();
+        mem.write_at(PAGE_SIZE64 - 32, &data).unwrap();
+        let mut back = [0u8; 64];
+        mem.read_at(PAGE_SIZE64 - 32, &mut back).unwrap();
+        assert_eq!(&back[..], &data[..]);
+    }
+
+    #[test]
+    fn failed_write_copies_nothing() {
+        let mem = GuestMemory::allocate(PAGE_SIZE);
+        assert!(mem.write_at(PAGE_SIZE64 - 4, &[1; 8]).is_err());
+        assert_eq!(mem.read_plain::<u32>(PAGE_SIZE64 - 4).unwrap(), 0);
+    }
+
+    #[test]
+    fn builder_rejects_bad_regions() {
+        assert!(matches!(
+            GuestMemory::builder().heap(1, PAGE_SIZE64),
+            Err(BuildError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::builder().heap(0, 0),
+            Err(BuildError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::builder().anonymous(u64::MAX - PAGE_SIZE64 + 1, 2 * PAGE_SIZE64),
+            Err(BuildError::TooLarge { .. })
+        ));
+        let overlap = GuestMemory::builder()
+            .heap(0, 2 * PAGE_SIZE64)
+            .unwrap()
+            .heap(PAGE_SIZE64, PAGE_SIZE64)
+            .unwrap()
+            .build();
+        assert!(matches!(overlap, Err(BuildError::Overlap { .. })));
+    }
+
+    #[test]
+    fn read_only_file_mapping_refuses_writes() {
+        let file = tempfile_with_len(PAGE_SIZE);
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let mem = GuestMemory::builder()
+            .file(0, PAGE_SIZE64, fd, 0, false)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(mem.read_plain::<u64>(8).unwrap(), 0);
+        assert_eq!(
+            mem.write_plain(8, &1u64),
+            Err(AccessError::ReadOnly { gpa: 8 })
+        );
+    }
+
+    #[test]
+    fn shared_file_mapping_sees_file_data() {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile_with_len(2 * PAGE_SIZE);
+        file.write_all_at(b"hello", PAGE_SIZE64 + 3).unwrap();
+        let mem = GuestMemory::builder()
+            .file(
+                0x10000,
+                PAGE_SIZE64,
+                std::os::fd::AsFd::as_fd(&file),
+                PAGE_SIZE64,
+                true,
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut buf = [0; 5];
+        mem.read_at(0x10003, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        mem.write_at(0x10000, b"HI").unwrap();
+        let mut back = [0; 2];
+        file.read_exact_at(&mut back, PAGE_SIZE64).unwrap();
+        assert_eq!(&back, b"HI");
+    }
+
+    fn tempfile_with_len(len: usize) -> std::fs::File {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!(
+            "guestmem-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.set_len(len as u64).unwrap();
+        file
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+}
