@@ -177,6 +177,88 @@ pub trait DiskIo: 'static + Send + Sync {
     }
 }
 
+/// A shared backend is a backend: the owner can keep a handle (to resize it, inject faults,
+/// inspect it) while a [`Disk`] wraps it.
+impl<T: DiskIo> DiskIo for std::sync::Arc<T> {
+    fn disk_type(&self) -> &str {
+        (**self).disk_type()
+    }
+
+    fn sector_count(&self) -> u64 {
+        (**self).sector_count()
+    }
+
+    fn sector_size(&self) -> u32 {
+        (**self).sector_size()
+    }
+
+    fn disk_id(&self) -> Option<[u8; 16]> {
+        (**self).disk_id()
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        (**self).physical_sector_size()
+    }
+
+    fn is_fua_respected(&self) -> bool {
+        (**self).is_fua_respected()
+    }
+
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+
+    fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).read_vectored(buffers, sector)
+    }
+
+    fn write_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).write_vectored(buffers, sector, fua)
+    }
+
+    fn sync_cache(&self) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).sync_cache()
+    }
+
+    fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        block_level_only: bool,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).unmap(sector, count, block_level_only)
+    }
+
+    fn unmap_behavior(&self) -> UnmapBehavior {
+        (**self).unmap_behavior()
+    }
+
+    fn optimal_unmap_sectors(&self) -> u32 {
+        (**self).optimal_unmap_sectors()
+    }
+
+    fn pr(&self) -> Option<&dyn pr::PersistentReservation> {
+        (**self).pr()
+    }
+
+    fn eject(&self) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).eject()
+    }
+
+    fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
+        (**self).wait_resize(sector_count)
+    }
+}
+
 /// Checks that a request of `len_bytes` at `sector` lies inside `disk`, for backends to call
 /// at the top of `read_vectored`/`write_vectored`. Fails with [`DiskError::IllegalBlock`]
 /// when it does not and [`DiskError::InvalidInput`] when `len_bytes` is not whole sectors.

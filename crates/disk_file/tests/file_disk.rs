@@ -1,0 +1,145 @@
+//! `FileDisk` against the conformance suite and file-specific behaviour.
+
+use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
+use disk_file::{FileDisk, FileDiskOptions, OpenError};
+use futures::executor::block_on;
+use request_buffers::OwnedRequestBuffers;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+
+/// A fresh temporary file of `sectors` sectors opened as a `FileDisk`. A read-only disk is
+/// filled with a pattern first, so reads have something to compare.
+fn file_disk(sectors: u64, sector_size: u32, read_only: bool) -> FileDisk {
+    let mut file = tempfile::tempfile().unwrap();
+    if read_only {
+        file.write_all(&disk_conformance::pattern(sector_size, 0, sectors, 0x42))
+            .unwrap();
+    } else {
+        file.set_len(sectors * sector_size as u64).unwrap();
+    }
+    // Reopen through /proc to get a descriptor of the requested mode.
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    let options = FileDiskOptions {
+        read_only,
+        sector_size,
+        physical_sector_size: None,
+    };
+    FileDisk::open(path, &options).unwrap()
+}
+
+disk_conformance::conformance_tests!(sectors_512, |spec| {
+    file_disk(spec.sector_count, 512, spec.read_only)
+});
+
+disk_conformance::conformance_tests!(sectors_4k, |spec| {
+    file_disk(spec.sector_count, 4096, spec.read_only)
+});
+
+#[test]
+fn open_errors() {
+    let missing = FileDisk::open("/nonexistent/disk.img", &FileDiskOptions::default());
+    assert!(matches!(missing, Err(OpenError::Open { .. })));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(511).unwrap();
+    assert!(matches!(
+        FileDisk::open(file.path(), &FileDiskOptions::default()),
+        Err(OpenError::TooSmall { .. })
+    ));
+    for bad in [0, 256, 1000] {
+        let options = FileDiskOptions {
+            sector_size: bad,
+            ..Default::default()
+        };
+        assert!(matches!(
+            FileDisk::open(file.path(), &options),
+            Err(OpenError::InvalidSectorSize(_))
+        ));
+    }
+    let options = FileDiskOptions {
+        sector_size: 4096,
+        physical_sector_size: Some(512),
+        ..Default::default()
+    };
+    assert!(matches!(
+        FileDisk::open(file.path(), &options),
+        Err(OpenError::InvalidPhysicalSectorSize(512))
+    ));
+}
+
+#[test]
+fn trailing_partial_sector_is_ignored_and_file_never_grows() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(10 * 512 + 100).unwrap();
+    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    assert_eq!(disk.sector_count(), 10);
+    let buf = OwnedRequestBuffers::from_slice(&[1; 1024]);
+    assert!(matches!(
+        block_on(disk.write_vectored(&buf.buffers(false), 9, false)),
+        Err(DiskError::IllegalBlock)
+    ));
+    block_on(disk.write_vectored(&buf.buffers(false), 8, true)).unwrap();
+    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512 + 100);
+}
+
+#[test]
+fn data_reaches_the_file_and_unmap_punches_holes() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let size = 64 * 4096u64;
+    file.as_file().set_len(size).unwrap();
+    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    let data = OwnedRequestBuffers::from_slice(&vec![0xa5; size as usize]);
+    block_on(disk.write_vectored(&data.buffers(false), 0, false)).unwrap();
+    block_on(disk.sync_cache()).unwrap();
+    let mut raw = Vec::new();
+    file.as_file_mut().seek(SeekFrom::Start(0)).unwrap();
+    file.as_file_mut().read_to_end(&mut raw).unwrap();
+    assert!(raw.iter().all(|&b| b == 0xa5));
+
+    if disk.unmap_behavior() == UnmapBehavior::Zeroes {
+        let allocated = file.as_file().metadata().unwrap().blocks();
+        block_on(disk.unmap(8, 64 * 8 - 16, false)).unwrap();
+        let after = file.as_file().metadata().unwrap().blocks();
+        assert!(after < allocated, "punching holes frees blocks ({allocated} -> {after})");
+        assert_eq!(file.as_file().metadata().unwrap().len(), size);
+    } else {
+        eprintln!("skipping the hole check: this file system cannot punch holes");
+    }
+}
+
+#[test]
+fn read_only_file_reports_ignored_unmap() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(4096).unwrap();
+    let options = FileDiskOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let disk = FileDisk::open(file.path(), &options).unwrap();
+    assert!(disk.is_read_only());
+    assert_eq!(disk.unmap_behavior(), UnmapBehavior::Ignored);
+}
+
+#[test]
+fn blocking_adapter_read_modify_write() {
+    use disk_backend::sync_wrapper::BlockingDisk;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(8 * 512).unwrap();
+    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    let mut blocking = BlockingDisk::new(disk);
+    // Unaligned at both ends, spanning three sectors.
+    blocking.seek(SeekFrom::Start(500)).unwrap();
+    blocking.write_all(&[7; 600]).unwrap();
+    blocking.seek(SeekFrom::Start(0)).unwrap();
+    let mut all = vec![0; 8 * 512];
+    blocking.read_exact(&mut all).unwrap();
+    assert!(all[..500].iter().all(|&b| b == 0));
+    assert!(all[500..1100].iter().all(|&b| b == 7));
+    assert!(all[1100..].iter().all(|&b| b == 0));
+    // At the end: reads return 0, writes cannot extend.
+    assert_eq!(blocking.read(&mut [0; 10]).unwrap(), 0);
+    assert_eq!(blocking.write_all(&[1]).unwrap_err().kind(), std::io::ErrorKind::WriteZero);
+    blocking.seek(SeekFrom::End(-3)).unwrap();
+    assert_eq!(blocking.write(&[9; 10]).unwrap(), 3);
+    assert!(blocking.seek(SeekFrom::Current(-100_000)).is_err());
+    blocking.flush().unwrap();
+}
