@@ -5,27 +5,25 @@
 #![allow(unsafe_code, reason = "a counting global allocator")]
 #![allow(missing_docs)]
 
+#[path = "../tests/support/counting_alloc.rs"]
+mod counting_alloc;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use counting_alloc::{CountingAlloc, allocations};
 use criterion::{Criterion, criterion_group, criterion_main};
 use disk_backend::{Disk, DiskIo};
 use futures::executor::block_on;
 use request_buffers::OwnedRequestBuffers;
 use std::hint::black_box;
-use support::{CountingAlloc, NullDisk, allocations};
+use support::NullDisk;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn overhead(c: &mut Criterion) {
-    let disk = Disk::new(NullDisk {
-        sector_count: 1 << 20,
-    })
-    .unwrap();
-    let raw = NullDisk {
-        sector_count: 1 << 20,
-    };
+    let disk = Disk::new(NullDisk::new(1 << 20)).unwrap();
+    let raw = NullDisk::new(1 << 20);
     let owned = OwnedRequestBuffers::new(4096);
     let buffers = owned.buffers(true);
 

@@ -3,7 +3,7 @@
 //! A backend that supports them returns an implementation of [`PersistentReservation`] from
 //! [`DiskIo::pr`](crate::DiskIo::pr). Keys are 64-bit values an initiator registers; key 0
 //! means "no key". Failures that SPC-4 reports as RESERVATION CONFLICT are
-//! [`DiskError::ReservationConflict`](crate::DiskError::ReservationConflict).
+//! [`crate::DiskError::ReservationConflict`].
 
 use crate::DiskError;
 

@@ -3,22 +3,22 @@
 
 #![allow(unsafe_code, reason = "a counting global allocator")]
 
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 mod support;
 
+use counting_alloc::{CountingAlloc, allocations};
 use disk_backend::Disk;
 use futures::executor::block_on;
 use request_buffers::OwnedRequestBuffers;
-use support::{CountingAlloc, NullDisk, allocations};
+use support::NullDisk;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 #[test]
 fn requests_through_disk_do_not_allocate() {
-    let disk = Disk::new(NullDisk {
-        sector_count: 1 << 20,
-    })
-    .unwrap();
+    let disk = Disk::new(NullDisk::new(1 << 20)).unwrap();
     let owned = OwnedRequestBuffers::new(64 * 1024);
     let read = owned.buffers(true);
     let write = owned.buffers(false);

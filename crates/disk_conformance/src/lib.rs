@@ -33,7 +33,7 @@
 
 mod model;
 
-pub use model::{model, model_with_seed};
+pub use model::{FIXED_SEED, model, model_with_seed};
 
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 use futures::executor::block_on;
@@ -132,45 +132,77 @@ pub fn range_edges(factory: &impl DiskFactory) {
     block_on(async {
         // In range, at both ends.
         for sector in [0, last] {
-            disk.write_vectored(&one.buffers(false), sector, false).await.expect("write in range");
+            disk.write_vectored(&one.buffers(false), sector, false)
+                .await
+                .expect("write in range");
             disk.read_vectored(&sink.buffers(true).subrange(0, ss as usize), sector)
                 .await
                 .expect("read in range");
-            assert_eq!(&sink.to_vec()[..ss as usize], &one.to_vec()[..], "data at sector {sector}");
-            bare.write_vectored(&one.buffers(false), sector, true).await.expect("bare write in range");
+            assert_eq!(
+                &sink.to_vec()[..ss as usize],
+                &one.to_vec()[..],
+                "data at sector {sector}"
+            );
+            bare.write_vectored(&one.buffers(false), sector, true)
+                .await
+                .expect("bare write in range");
             bare.read_vectored(&sink.buffers(true).subrange(0, ss as usize), sector)
                 .await
                 .expect("bare read in range");
         }
         disk.unmap(0, 1, false).await.expect("unmap sector 0");
         disk.unmap(last, 1, false).await.expect("unmap last sector");
-        disk.unmap(0, sector_count, false).await.expect("unmap whole disk");
-        bare.unmap(last, 1, false).await.expect("bare unmap last sector");
+        disk.unmap(0, sector_count, false)
+            .await
+            .expect("unmap whole disk");
+        bare.unmap(last, 1, false)
+            .await
+            .expect("bare unmap last sector");
 
         for (what, sector, sectors) in illegal_ranges(sector_count, ss) {
             let buf = if sectors == 1 { &one } else { &two };
             let len = (sectors * ss as u64) as usize;
             let reads = sink.buffers(true).subrange(0, len);
-            expect_illegal(disk.read_vectored(&reads, sector).await, &format!("read {what}"));
-            expect_illegal(bare.read_vectored(&reads, sector).await, &format!("bare read {what}"));
             expect_illegal(
-                disk.write_vectored(&buf.buffers(false), sector, false).await,
+                disk.read_vectored(&reads, sector).await,
+                &format!("read {what}"),
+            );
+            expect_illegal(
+                bare.read_vectored(&reads, sector).await,
+                &format!("bare read {what}"),
+            );
+            expect_illegal(
+                disk.write_vectored(&buf.buffers(false), sector, false)
+                    .await,
                 &format!("write {what}"),
             );
             expect_illegal(
-                bare.write_vectored(&buf.buffers(false), sector, false).await,
+                bare.write_vectored(&buf.buffers(false), sector, false)
+                    .await,
                 &format!("bare write {what}"),
             );
-            expect_illegal(disk.unmap(sector, sectors, false).await, &format!("unmap {what}"));
-            expect_illegal(bare.unmap(sector, sectors, false).await, &format!("bare unmap {what}"));
+            expect_illegal(
+                disk.unmap(sector, sectors, false).await,
+                &format!("unmap {what}"),
+            );
+            expect_illegal(
+                bare.unmap(sector, sectors, false).await,
+                &format!("bare unmap {what}"),
+            );
         }
         for (what, sector, count) in [
             ("count u64::MAX", 0, u64::MAX),
             ("sector + count overflows", 1, u64::MAX),
             ("count one past the end", 0, sector_count + 1),
         ] {
-            expect_illegal(disk.unmap(sector, count, false).await, &format!("unmap {what}"));
-            expect_illegal(bare.unmap(sector, count, false).await, &format!("bare unmap {what}"));
+            expect_illegal(
+                disk.unmap(sector, count, false).await,
+                &format!("unmap {what}"),
+            );
+            expect_illegal(
+                bare.unmap(sector, count, false).await,
+                &format!("bare unmap {what}"),
+            );
         }
 
         // Buffers that are not whole sectors are malformed, not out of range.
@@ -195,20 +227,33 @@ pub fn zero_length(factory: &impl DiskFactory) {
     let empty = OwnedRequestBuffers::new(0);
     block_on(async {
         for sector in [0, sector_count - 1, sector_count] {
-            disk.read_vectored(&empty.buffers(true), sector).await.expect("empty read");
-            disk.write_vectored(&empty.buffers(false), sector, true).await.expect("empty write");
+            disk.read_vectored(&empty.buffers(true), sector)
+                .await
+                .expect("empty read");
+            disk.write_vectored(&empty.buffers(false), sector, true)
+                .await
+                .expect("empty write");
             disk.unmap(sector, 0, false).await.expect("empty unmap");
         }
-        bare.read_vectored(&empty.buffers(true), 0).await.expect("bare empty read");
-        bare.write_vectored(&empty.buffers(false), 0, false).await.expect("bare empty write");
+        bare.read_vectored(&empty.buffers(true), 0)
+            .await
+            .expect("bare empty read");
+        bare.write_vectored(&empty.buffers(false), 0, false)
+            .await
+            .expect("bare empty write");
         // A zero-length request at an unrepresentable sector is still malformed.
         expect_illegal(
             disk.read_vectored(&empty.buffers(true), u64::MAX).await,
             "empty read at u64::MAX",
         );
         let all = OwnedRequestBuffers::new((sector_count * disk.sector_size() as u64) as usize);
-        disk.read_vectored(&all.buffers(true), 0).await.expect("read whole disk");
-        assert!(all.to_vec().iter().all(|&b| b == 0), "a fresh disk reads as zeros");
+        disk.read_vectored(&all.buffers(true), 0)
+            .await
+            .expect("read whole disk");
+        assert!(
+            all.to_vec().iter().all(|&b| b == 0),
+            "a fresh disk reads as zeros"
+        );
     });
 }
 
@@ -228,11 +273,16 @@ pub fn read_only(factory: &impl DiskFactory) {
     let after = OwnedRequestBuffers::new(size);
     let data = OwnedRequestBuffers::from_slice(&pattern(ss as u32, 0, 2, 3));
     block_on(async {
-        disk.read_vectored(&before.buffers(true), 0).await.expect("read-only disks read");
+        disk.read_vectored(&before.buffers(true), 0)
+            .await
+            .expect("read-only disks read");
         for fua in [false, true] {
             for target in [&disk as &dyn ReadOnlyProbe, &bare as &dyn ReadOnlyProbe] {
                 assert!(
-                    matches!(target.probe_write(&data, 0, fua).await, Err(DiskError::ReadOnly)),
+                    matches!(
+                        target.probe_write(&data, 0, fua).await,
+                        Err(DiskError::ReadOnly)
+                    ),
                     "write (fua {fua}) to a read-only disk"
                 );
                 assert!(
@@ -243,9 +293,14 @@ pub fn read_only(factory: &impl DiskFactory) {
         }
         disk.sync_cache().await.expect("read-only disks flush");
         bare.sync_cache().await.expect("bare read-only disks flush");
-        disk.read_vectored(&after.buffers(true), 0).await.expect("read-only disks read");
+        disk.read_vectored(&after.buffers(true), 0)
+            .await
+            .expect("read-only disks read");
     });
-    assert!(before.to_vec() == after.to_vec(), "a refused request changed the disk");
+    assert!(
+        before.to_vec() == after.to_vec(),
+        "a refused request changed the disk"
+    );
 }
 
 /// Object-safe access to write/unmap for testing `Disk` and the bare backend alike.
@@ -256,7 +311,11 @@ trait ReadOnlyProbe {
         sector: u64,
         fua: bool,
     ) -> futures::future::BoxFuture<'a, Result<(), DiskError>>;
-    fn probe_unmap(&self, sector: u64, count: u64) -> futures::future::BoxFuture<'_, Result<(), DiskError>>;
+    fn probe_unmap(
+        &self,
+        sector: u64,
+        count: u64,
+    ) -> futures::future::BoxFuture<'_, Result<(), DiskError>>;
 }
 
 impl<T: DiskIo> ReadOnlyProbe for T {
@@ -268,7 +327,11 @@ impl<T: DiskIo> ReadOnlyProbe for T {
     ) -> futures::future::BoxFuture<'a, Result<(), DiskError>> {
         Box::pin(async move { self.write_vectored(&data.buffers(false), sector, fua).await })
     }
-    fn probe_unmap(&self, sector: u64, count: u64) -> futures::future::BoxFuture<'_, Result<(), DiskError>> {
+    fn probe_unmap(
+        &self,
+        sector: u64,
+        count: u64,
+    ) -> futures::future::BoxFuture<'_, Result<(), DiskError>> {
         Box::pin(DiskIo::unmap(self, sector, count, false))
     }
 }
@@ -284,10 +347,17 @@ pub fn buffer_layouts(factory: &impl DiskFactory) {
             let data = pattern(ss, 0, sectors, i as u8);
             let src = OwnedRequestBuffers::scattered(len, offset);
             src.copy_from_slice(&data);
-            disk.write_vectored(&src.buffers(false), 0, i % 2 == 1).await.expect("write");
+            disk.write_vectored(&src.buffers(false), 0, i % 2 == 1)
+                .await
+                .expect("write");
             let dst = OwnedRequestBuffers::scattered(len, 4095 - offset);
-            disk.read_vectored(&dst.buffers(true), 0).await.expect("read");
-            assert!(dst.to_vec() == data, "round trip through buffers at offset {offset}");
+            disk.read_vectored(&dst.buffers(true), 0)
+                .await
+                .expect("read");
+            assert!(
+                dst.to_vec() == data,
+                "round trip through buffers at offset {offset}"
+            );
         }
         disk.sync_cache().await.expect("flush");
     });
@@ -302,14 +372,21 @@ pub fn unmap_semantics(factory: &impl DiskFactory) {
     let buf = OwnedRequestBuffers::from_slice(&data);
     let back = OwnedRequestBuffers::new(data.len());
     block_on(async {
-        disk.write_vectored(&buf.buffers(false), 0, false).await.expect("write");
+        disk.write_vectored(&buf.buffers(false), 0, false)
+            .await
+            .expect("write");
         // Unmap the middle, leaving a sector on each side.
         disk.unmap(1, count - 2, false).await.expect("unmap");
-        disk.read_vectored(&back.buffers(true), 0).await.expect("read");
+        disk.read_vectored(&back.buffers(true), 0)
+            .await
+            .expect("read");
     });
     let got = back.to_vec();
     let ss = ss as usize;
-    assert!(got[..ss] == data[..ss], "unmap touched the sector before the range");
+    assert!(
+        got[..ss] == data[..ss],
+        "unmap touched the sector before the range"
+    );
     assert!(
         got[got.len() - ss..] == data[data.len() - ss..],
         "unmap touched the sector after the range"

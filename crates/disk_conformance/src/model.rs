@@ -37,9 +37,19 @@ pub fn model(factory: &impl DiskFactory) {
 
 #[derive(Debug)]
 enum Op {
-    Read { sector: u64, sectors: u64 },
-    Write { sector: u64, sectors: u64, fua: bool },
-    Unmap { sector: u64, sectors: u64 },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
+    Write {
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+    },
+    Unmap {
+        sector: u64,
+        sectors: u64,
+    },
     Flush,
 }
 
@@ -103,7 +113,10 @@ pub fn model_with_seed(factory: &impl DiskFactory, seed: u64) {
                 continue;
             }
             let sector = rng.random_range(0..=sector_count - sectors);
-            if taken.iter().any(|&(s, n)| sector < s + n && s < sector + sectors) {
+            if taken
+                .iter()
+                .any(|&(s, n)| sector < s + n && s < sector + sectors)
+            {
                 continue;
             }
             taken.push((sector, sectors));
@@ -170,7 +183,9 @@ pub fn model_with_seed(factory: &impl DiskFactory, seed: u64) {
                         }
                     }
                 }
-                Op::Write { sector, sectors, .. } => {
+                Op::Write {
+                    sector, sectors, ..
+                } => {
                     let range = reference.bytes(sector, sectors);
                     reference.data[range].copy_from_slice(&buf.to_vec());
                     reference.known[sector as usize..(sector + sectors) as usize].fill(true);
@@ -214,7 +229,10 @@ pub fn model_with_seed(factory: &impl DiskFactory, seed: u64) {
     for s in 0..sector_count {
         let range = reference.bytes(s, 1);
         if reference.known[s as usize] && got[range.clone()] != reference.data[range] {
-            fail(ROUNDS, format!("final read: sector {s} holds the wrong data"));
+            fail(
+                ROUNDS,
+                format!("final read: sector {s} holds the wrong data"),
+            );
         }
     }
 }

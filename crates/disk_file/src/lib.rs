@@ -188,7 +188,11 @@ impl DiskIo for FileDisk {
         self.read_only
     }
 
-    async fn read_vectored(&self, buffers: &RequestBuffers<'_>, sector: u64) -> Result<(), DiskError> {
+    async fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
         check_range(self, sector, buffers.len())?;
         if buffers.is_empty() {
             return Ok(());
@@ -229,7 +233,12 @@ impl DiskIo for FileDisk {
             .map_err(DiskError::Io)
     }
 
-    async fn unmap(&self, sector: u64, count: u64, _block_level_only: bool) -> Result<(), DiskError> {
+    async fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        _block_level_only: bool,
+    ) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }

@@ -147,23 +147,38 @@ fn transfer_all(
 /// Reads the whole of `buffers` from `offset`.
 pub(crate) fn read_all_at(file: &File, buffers: &[IoBuffer], offset: u64) -> io::Result<()> {
     let fd = file.as_raw_fd();
-    transfer_all(buffers, offset, io::ErrorKind::UnexpectedEof, |iov, count, off| {
-        // SAFETY: the iovecs describe locked guest memory (kept mapped by the caller's
-        // `LockedPages`) that the request may write; the kernel writes into it, no Rust
-        // reference to it exists.
-        unsafe { libc::preadv(fd, iov, count, off) }
-    })
+    transfer_all(
+        buffers,
+        offset,
+        io::ErrorKind::UnexpectedEof,
+        |iov, count, off| {
+            // SAFETY: the iovecs describe locked guest memory (kept mapped by the caller's
+            // `LockedPages`) that the request may write; the kernel writes into it, no Rust
+            // reference to it exists.
+            unsafe { libc::preadv(fd, iov, count, off) }
+        },
+    )
 }
 
 /// Writes the whole of `buffers` at `offset`; with `fua`, durably (`RWF_DSYNC`).
-pub(crate) fn write_all_at(file: &File, buffers: &[IoBuffer], offset: u64, fua: bool) -> io::Result<()> {
+pub(crate) fn write_all_at(
+    file: &File,
+    buffers: &[IoBuffer],
+    offset: u64,
+    fua: bool,
+) -> io::Result<()> {
     let fd = file.as_raw_fd();
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
-    let result = transfer_all(buffers, offset, io::ErrorKind::WriteZero, |iov, count, off| {
-        // SAFETY: the iovecs describe locked guest memory kept mapped by the caller; the
-        // kernel only reads it.
-        unsafe { libc::pwritev2(fd, iov, count, off, flags) }
-    });
+    let result = transfer_all(
+        buffers,
+        offset,
+        io::ErrorKind::WriteZero,
+        |iov, count, off| {
+            // SAFETY: the iovecs describe locked guest memory kept mapped by the caller; the
+            // kernel only reads it.
+            unsafe { libc::pwritev2(fd, iov, count, off, flags) }
+        },
+    );
     match result {
         // Kernels before 4.7 lack RWF_DSYNC: write, then make it durable.
         Err(e) if fua && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
@@ -182,7 +197,10 @@ mod tests {
     fn pending_advances_across_iovecs() {
         let mut a = [0u8; 10];
         let mut b = [0u8; 20];
-        let buffers = [IoBuffer::new(a.as_mut_ptr(), 10), IoBuffer::new(b.as_mut_ptr(), 20)];
+        let buffers = [
+            IoBuffer::new(a.as_mut_ptr(), 10),
+            IoBuffer::new(b.as_mut_ptr(), 20),
+        ];
         let mut pending = Pending::new(&buffers);
         pending.advance(4);
         assert_eq!(pending.iovecs[0].iov_len, 6);

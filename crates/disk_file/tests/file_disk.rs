@@ -70,7 +70,8 @@ fn open_errors() {
 fn trailing_partial_sector_is_ignored_and_file_never_grows() {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(10 * 512 + 100).unwrap();
-    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    let disk =
+        Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
     assert_eq!(disk.sector_count(), 10);
     let buf = OwnedRequestBuffers::from_slice(&[1; 1024]);
     assert!(matches!(
@@ -86,7 +87,8 @@ fn data_reaches_the_file_and_unmap_punches_holes() {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let size = 64 * 4096u64;
     file.as_file().set_len(size).unwrap();
-    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    let disk =
+        Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
     let data = OwnedRequestBuffers::from_slice(&vec![0xa5; size as usize]);
     block_on(disk.write_vectored(&data.buffers(false), 0, false)).unwrap();
     block_on(disk.sync_cache()).unwrap();
@@ -99,7 +101,10 @@ fn data_reaches_the_file_and_unmap_punches_holes() {
         let allocated = file.as_file().metadata().unwrap().blocks();
         block_on(disk.unmap(8, 64 * 8 - 16, false)).unwrap();
         let after = file.as_file().metadata().unwrap().blocks();
-        assert!(after < allocated, "punching holes frees blocks ({allocated} -> {after})");
+        assert!(
+            after < allocated,
+            "punching holes frees blocks ({allocated} -> {after})"
+        );
         assert_eq!(file.as_file().metadata().unwrap().len(), size);
     } else {
         eprintln!("skipping the hole check: this file system cannot punch holes");
@@ -124,7 +129,8 @@ fn blocking_adapter_read_modify_write() {
     use disk_backend::sync_wrapper::BlockingDisk;
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(8 * 512).unwrap();
-    let disk = Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    let disk =
+        Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
     let mut blocking = BlockingDisk::new(disk);
     // Unaligned at both ends, spanning three sectors.
     blocking.seek(SeekFrom::Start(500)).unwrap();
@@ -137,7 +143,10 @@ fn blocking_adapter_read_modify_write() {
     assert!(all[1100..].iter().all(|&b| b == 0));
     // At the end: reads return 0, writes cannot extend.
     assert_eq!(blocking.read(&mut [0; 10]).unwrap(), 0);
-    assert_eq!(blocking.write_all(&[1]).unwrap_err().kind(), std::io::ErrorKind::WriteZero);
+    assert_eq!(
+        blocking.write_all(&[1]).unwrap_err().kind(),
+        std::io::ErrorKind::WriteZero
+    );
     blocking.seek(SeekFrom::End(-3)).unwrap();
     assert_eq!(blocking.write(&[9; 10]).unwrap(), 3);
     assert!(blocking.seek(SeekFrom::Current(-100_000)).is_err());

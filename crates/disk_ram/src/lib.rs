@@ -163,7 +163,11 @@ impl DiskIo for RamDisk {
         self.read_only
     }
 
-    async fn read_vectored(&self, buffers: &RequestBuffers<'_>, sector: u64) -> Result<(), DiskError> {
+    async fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
         // Validate the memory first so a bad buffer fails before anything is copied.
         buffers.validate()?;
         let state = self.state.read();
@@ -217,7 +221,12 @@ impl DiskIo for RamDisk {
         Ok(())
     }
 
-    async fn unmap(&self, sector: u64, count: u64, _block_level_only: bool) -> Result<(), DiskError> {
+    async fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        _block_level_only: bool,
+    ) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
@@ -267,10 +276,22 @@ mod tests {
 
     #[test]
     fn invalid_geometry() {
-        assert_eq!(RamDisk::new(1, 256).unwrap_err(), RamDiskError::InvalidSectorSize(256));
-        assert_eq!(RamDisk::new(1, 1000).unwrap_err(), RamDiskError::InvalidSectorSize(1000));
-        assert!(matches!(RamDisk::new(u64::MAX, 512), Err(RamDiskError::TooLarge { .. })));
-        assert!(matches!(RamDisk::new(1 << 54, 512), Err(RamDiskError::TooLarge { .. })));
+        assert_eq!(
+            RamDisk::new(1, 256).unwrap_err(),
+            RamDiskError::InvalidSectorSize(256)
+        );
+        assert_eq!(
+            RamDisk::new(1, 1000).unwrap_err(),
+            RamDiskError::InvalidSectorSize(1000)
+        );
+        assert!(matches!(
+            RamDisk::new(u64::MAX, 512),
+            Err(RamDiskError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            RamDisk::new(1 << 54, 512),
+            Err(RamDiskError::TooLarge { .. })
+        ));
         assert!(RamDisk::new((1 << 54) - 1, 512).is_ok());
         let disk = RamDisk::new(1, 4096).unwrap();
         assert!(disk.resize(u64::MAX).is_err());

@@ -2,8 +2,8 @@
 
 use disk_backend::Disk;
 use disk_ram::RamDisk;
-use futures::executor::block_on;
 use futures::FutureExt;
+use futures::executor::block_on;
 
 disk_conformance::conformance_tests!(sectors_512, |spec| {
     RamDisk::new(spec.sector_count, 512)

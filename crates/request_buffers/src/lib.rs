@@ -97,8 +97,8 @@ impl<'a> RequestBuffers<'a> {
     pub fn is_aligned(&self, alignment: usize) -> bool {
         alignment.is_power_of_two()
             && alignment <= PAGE_SIZE
-            && self.range.offset() % alignment == 0
-            && self.range.len() % alignment == 0
+            && self.range.offset().is_multiple_of(alignment)
+            && self.range.len().is_multiple_of(alignment)
     }
 
     /// Checks that every byte is backed by guest memory (and writable, for a disk read),

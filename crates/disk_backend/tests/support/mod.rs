@@ -1,16 +1,37 @@
-//! Shared by the allocation test and the overhead benchmark: a backend that does no work and
-//! an allocator that counts.
+//! A backend that does no work, shared by the tests and the overhead benchmark.
 
 #![allow(dead_code)]
 
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
 use request_buffers::RequestBuffers;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A disk whose I/O completes at once without touching the buffers.
+/// A disk whose I/O completes at once without touching the buffers, with configurable
+/// geometry and a count of the requests that reached it.
 pub struct NullDisk {
     pub sector_count: u64,
+    pub sector_size: u32,
+    pub physical_sector_size: u32,
+    pub read_only: bool,
+    pub optimal_unmap_sectors: u32,
+    pub requests: AtomicU64,
+}
+
+impl NullDisk {
+    pub fn new(sector_count: u64) -> Self {
+        Self {
+            sector_count,
+            sector_size: 512,
+            physical_sector_size: 4096,
+            read_only: false,
+            optimal_unmap_sectors: 1,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl DiskIo for NullDisk {
@@ -21,25 +42,29 @@ impl DiskIo for NullDisk {
         self.sector_count
     }
     fn sector_size(&self) -> u32 {
-        512
+        self.sector_size
     }
     fn disk_id(&self) -> Option<[u8; 16]> {
         None
     }
     fn physical_sector_size(&self) -> u32 {
-        4096
+        self.physical_sector_size
     }
     fn is_fua_respected(&self) -> bool {
         true
     }
     fn is_read_only(&self) -> bool {
-        false
+        self.read_only
+    }
+    fn optimal_unmap_sectors(&self) -> u32 {
+        self.optimal_unmap_sectors
     }
     async fn read_vectored(
         &self,
         buffers: &RequestBuffers<'_>,
         sector: u64,
     ) -> Result<(), DiskError> {
+        self.count();
         check_range(self, sector, buffers.len())
     }
     async fn write_vectored(
@@ -48,6 +73,10 @@ impl DiskIo for NullDisk {
         sector: u64,
         _fua: bool,
     ) -> Result<(), DiskError> {
+        self.count();
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
         check_range(self, sector, buffers.len())
     }
     async fn sync_cache(&self) -> Result<(), DiskError> {
@@ -59,36 +88,13 @@ impl DiskIo for NullDisk {
         count: u64,
         _block_level_only: bool,
     ) -> Result<(), DiskError> {
+        self.count();
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
         check_unmap_range(self, sector, count)
     }
     fn unmap_behavior(&self) -> UnmapBehavior {
         UnmapBehavior::Ignored
     }
-}
-
-/// The system allocator, counting allocations.
-pub struct CountingAlloc;
-
-pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call unchanged to the system allocator.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-pub fn allocations() -> u64 {
-    ALLOCATIONS.load(Ordering::Relaxed)
 }
