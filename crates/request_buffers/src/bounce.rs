@@ -46,3 +46,21 @@ impl BounceBuffer {
         IoBuffer::new(self.buffer.as_mut_ptr(), self.buffer.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_addressable() {
+        let mut bounce = BounceBuffer::new(3 * 4096 + 5);
+        assert_eq!(bounce.len(), 3 * 4096 + 5);
+        assert!(bounce.as_bytes().iter().all(|&b| b == 0));
+        bounce.as_mut_bytes()[4096] = 7;
+        let io = bounce.io_buffer();
+        assert_eq!(io.as_ptr() as usize % guestmem::PAGE_SIZE, 0);
+        assert_eq!(io.len(), 3 * 4096 + 5);
+        assert_eq!(bounce.as_bytes()[4096], 7);
+        assert!(BounceBuffer::new(0).is_empty());
+    }
+}
