@@ -2,15 +2,12 @@
 //! that does no work, next to calling the backend directly, and the heap allocations per
 //! request (expected: zero).
 
-#![allow(unsafe_code, reason = "a counting global allocator")]
 #![allow(missing_docs)]
 
-#[path = "../tests/support/counting_alloc.rs"]
-mod counting_alloc;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use counting_alloc::{CountingAlloc, allocations};
+use alloc_counter::{CountingAlloc, allocations};
 use criterion::{Criterion, criterion_group, criterion_main};
 use disk_backend::{Disk, DiskIo};
 use futures::executor::block_on;

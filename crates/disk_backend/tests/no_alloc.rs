@@ -1,13 +1,9 @@
 //! A request through `Disk` costs no heap allocation: the backend's future is stored inline.
 //! (Its own binary, so no other test allocates concurrently.)
 
-#![allow(unsafe_code, reason = "a counting global allocator")]
-
-#[path = "support/counting_alloc.rs"]
-mod counting_alloc;
 mod support;
 
-use counting_alloc::{CountingAlloc, allocations};
+use alloc_counter::{CountingAlloc, allocations};
 use disk_backend::Disk;
 use futures::executor::block_on;
 use request_buffers::OwnedRequestBuffers;

@@ -1,10 +1,13 @@
-//! A sparse in-memory disk: only sectors that were written use memory.
+//! Sparse memory: the RAM layer of layered disks, and the RAM disk built from it.
 //!
-//! [`RamDisk`] is the scratch disk of tests and benchmarks, and the storage of the RAM layer
-//! of layered disks. Unwritten and unmapped sectors read as zeros
-//! ([`UnmapBehavior::Zeroes`]). The size can change at run time ([`RamDisk::resize`]),
-//! which completes pending [`wait_resize`](DiskIo::wait_resize) calls. Nothing survives the
-//! process, so flush has nothing to do and FUA is trivially respected.
+//! [`RamLayer`] is a [`LayerIo`] that holds only the sectors written to it (plus runs of
+//! sectors it knows are zero), so a terabyte-sized layer costs nothing until used. It can be
+//! resized at run time ([`RamLayer::resize`], waking `wait_resize`), can take its size from the
+//! layer below it ([`RamLayer::lazy`]), and can be a read cache (it fills without
+//! overwriting). [`RamDisk`] is a single-layer [`LayeredDisk`] over one: the scratch disk of
+//! tests and benchmarks. There is one implementation of RAM storage, and this is it.
+//!
+//! Nothing survives the process, so flush has nothing to do and FUA is trivially respected.
 //!
 //! ```
 //! use disk_backend::Disk;
@@ -24,16 +27,17 @@
 
 #![forbid(unsafe_code)]
 
-use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
-use event_listener::Event;
-use parking_lot::RwLock;
-use request_buffers::{MemoryRead, MemoryWrite, RequestBuffers};
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod layer;
+
+pub use layer::{RamLayer, RamLayerConfig};
+
+use disk_backend::{DiskError, DiskIo, UnmapBehavior};
+use disk_layered::{DiskLayer, LayerConfiguration, LayeredDisk};
+use request_buffers::RequestBuffers;
+use std::sync::Arc;
 use thiserror::Error;
 
-/// Creating or resizing a [`RamDisk`] failed.
+/// Creating, attaching or resizing RAM storage failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RamDiskError {
     /// The sector size is not a power of two of at least 512.
@@ -47,52 +51,47 @@ pub enum RamDiskError {
         /// Sector size.
         sector_size: u32,
     },
+    /// A lazily sized layer is the bottom layer, so there is nothing to take its size from.
+    #[error("a RAM layer without a size needs a layer below it to take the size from")]
+    NoLowerLayer,
 }
 
-/// A sparse in-memory disk.
+/// A sparse in-memory disk: a [`LayeredDisk`] with one [`RamLayer`].
 #[derive(Debug)]
 pub struct RamDisk {
-    sector_size: u32,
-    read_only: bool,
+    layer: Arc<RamLayer>,
+    disk: LayeredDisk,
     disk_id: Option<[u8; 16]>,
-    /// Mirrors `State::sector_count` for lock-free `sector_count()`; changed under the write
-    /// lock.
-    sector_count: AtomicU64,
-    state: RwLock<State>,
-    resized: Event,
-}
-
-#[derive(Debug)]
-struct State {
-    sector_count: u64,
-    /// Written sectors by sector number; everything else is zero.
-    sectors: BTreeMap<u64, Box<[u8]>>,
 }
 
 impl RamDisk {
-    /// An empty (all-zero) writable disk of `sector_count` sectors of `sector_size` bytes.
+    /// An all-zero writable disk of `sector_count` sectors of `sector_size` bytes.
     pub fn new(sector_count: u64, sector_size: u32) -> Result<Self, RamDiskError> {
-        if sector_size < 512 || !sector_size.is_power_of_two() {
-            return Err(RamDiskError::InvalidSectorSize(sector_size));
-        }
-        check_size(sector_count, sector_size)?;
-        Ok(Self {
-            sector_size,
-            read_only: false,
-            disk_id: None,
-            sector_count: AtomicU64::new(sector_count),
-            state: RwLock::new(State {
-                sector_count,
-                sectors: BTreeMap::new(),
-            }),
-            resized: Event::new(),
-        })
+        Ok(Self::from_layer(
+            Arc::new(RamLayer::new(sector_count, sector_size)?),
+            false,
+        ))
     }
 
-    /// Makes the disk refuse writes and unmaps (fill it first).
-    pub fn with_read_only(mut self, read_only: bool) -> Self {
-        self.read_only = read_only;
-        self
+    fn from_layer(layer: Arc<RamLayer>, read_only: bool) -> Self {
+        let disk = LayeredDisk::new(
+            read_only,
+            vec![LayerConfiguration::new(DiskLayer::new(layer.clone()))],
+        )
+        .expect("a single writable RAM layer is a valid stack");
+        Self {
+            layer,
+            disk,
+            disk_id: None,
+        }
+    }
+
+    /// Makes the disk refuse writes and unmaps (fill it first), keeping its contents.
+    pub fn with_read_only(self, read_only: bool) -> Self {
+        Self {
+            disk_id: self.disk_id,
+            ..Self::from_layer(self.layer, read_only)
+        }
     }
 
     /// Gives the disk an identifier.
@@ -101,36 +100,19 @@ impl RamDisk {
         self
     }
 
-    /// Changes the sector count. Sectors beyond a smaller size are dropped (and read as
-    /// zeros if the disk grows again). Wakes every pending `wait_resize`.
+    /// Changes the sector count; see [`RamLayer::resize`].
     pub fn resize(&self, sector_count: u64) -> Result<(), RamDiskError> {
-        check_size(sector_count, self.sector_size)?;
-        let mut state = self.state.write();
-        state.sectors.split_off(&sector_count);
-        state.sector_count = sector_count;
-        self.sector_count.store(sector_count, Ordering::Release);
-        drop(state);
-        self.resized.notify(usize::MAX);
-        Ok(())
+        self.layer.resize(sector_count)
     }
 
-    /// Bytes of sector data held in memory (written sectors only).
+    /// Bytes of sector data held in memory.
     pub fn allocated_bytes(&self) -> u64 {
-        self.state.read().sectors.len() as u64 * self.sector_size as u64
+        self.layer.allocated_bytes()
     }
 
-    fn shift(&self) -> u32 {
-        self.sector_size.trailing_zeros()
-    }
-}
-
-fn check_size(sector_count: u64, sector_size: u32) -> Result<(), RamDiskError> {
-    match sector_count.checked_mul(sector_size as u64) {
-        Some(bytes) if bytes <= i64::MAX as u64 => Ok(()),
-        _ => Err(RamDiskError::TooLarge {
-            sector_count,
-            sector_size,
-        }),
+    /// The RAM layer.
+    pub fn layer(&self) -> &Arc<RamLayer> {
+        &self.layer
     }
 }
 
@@ -140,27 +122,27 @@ impl DiskIo for RamDisk {
     }
 
     fn sector_count(&self) -> u64 {
-        self.sector_count.load(Ordering::Acquire)
+        self.disk.sector_count()
     }
 
     fn sector_size(&self) -> u32 {
-        self.sector_size
+        self.disk.sector_size()
     }
 
     fn disk_id(&self) -> Option<[u8; 16]> {
-        self.disk_id
+        self.disk_id.or(self.disk.disk_id())
     }
 
     fn physical_sector_size(&self) -> u32 {
-        self.sector_size
+        self.disk.physical_sector_size()
     }
 
     fn is_fua_respected(&self) -> bool {
-        true
+        self.disk.is_fua_respected()
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.disk.is_read_only()
     }
 
     async fn read_vectored(
@@ -168,92 +150,37 @@ impl DiskIo for RamDisk {
         buffers: &RequestBuffers<'_>,
         sector: u64,
     ) -> Result<(), DiskError> {
-        // Validate the memory first so a bad buffer fails before anything is copied.
-        buffers.validate()?;
-        let state = self.state.read();
-        check_range(self, sector, buffers.len())?;
-        let shift = self.shift();
-        let end = sector + (buffers.len() >> shift) as u64;
-        let mut writer = buffers.writer();
-        let mut next = sector;
-        for (&present, data) in state.sectors.range(sector..end) {
-            if present > next {
-                writer.zero(((present - next) << shift) as usize)?;
-            }
-            writer.write(data)?;
-            next = present + 1;
-        }
-        writer.zero(((end - next) << shift) as usize)?;
-        Ok(())
+        self.disk.read_vectored(buffers, sector).await
     }
 
     async fn write_vectored(
         &self,
         buffers: &RequestBuffers<'_>,
         sector: u64,
-        _fua: bool,
+        fua: bool,
     ) -> Result<(), DiskError> {
-        if self.read_only {
-            return Err(DiskError::ReadOnly);
-        }
-        // Validated up front, so the copy below cannot stop half way through the request.
-        buffers.validate()?;
-        let mut state = self.state.write();
-        check_range(self, sector, buffers.len())?;
-        let end = sector + (buffers.len() >> self.shift()) as u64;
-        let mut reader = buffers.reader();
-        for s in sector..end {
-            match state.sectors.entry(s) {
-                Entry::Occupied(mut entry) => {
-                    reader.read(entry.get_mut())?;
-                }
-                Entry::Vacant(entry) => {
-                    let mut data = vec![0; self.sector_size as usize].into_boxed_slice();
-                    reader.read(&mut data)?;
-                    entry.insert(data);
-                }
-            }
-        }
-        Ok(())
+        self.disk.write_vectored(buffers, sector, fua).await
     }
 
     async fn sync_cache(&self) -> Result<(), DiskError> {
-        Ok(())
+        self.disk.sync_cache().await
     }
 
     async fn unmap(
         &self,
         sector: u64,
         count: u64,
-        _block_level_only: bool,
+        block_level_only: bool,
     ) -> Result<(), DiskError> {
-        if self.read_only {
-            return Err(DiskError::ReadOnly);
-        }
-        let mut state = self.state.write();
-        check_unmap_range(self, sector, count)?;
-        let mut unmapped = state.sectors.split_off(&sector);
-        let mut after = unmapped.split_off(&(sector + count));
-        state.sectors.append(&mut after);
-        drop(state);
-        // Free the sectors outside the lock.
-        drop(unmapped);
-        Ok(())
+        self.disk.unmap(sector, count, block_level_only).await
     }
 
     fn unmap_behavior(&self) -> UnmapBehavior {
-        UnmapBehavior::Zeroes
+        self.disk.unmap_behavior()
     }
 
     async fn wait_resize(&self, sector_count: u64) -> u64 {
-        loop {
-            let listener = self.resized.listen();
-            let current = self.sector_count();
-            if current != sector_count {
-                return current;
-            }
-            listener.await;
-        }
+        self.disk.wait_resize(sector_count).await
     }
 }
 
@@ -311,5 +238,23 @@ mod tests {
         let back = OwnedRequestBuffers::new(512);
         block_on(disk.read_vectored(&back.buffers(true), 15)).unwrap();
         assert_eq!(back.to_vec(), vec![0; 512]);
+        assert_eq!(disk.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn identity_and_read_only_keep_contents() {
+        let disk = RamDisk::new(4, 512).unwrap().with_disk_id([3; 16]);
+        let data = OwnedRequestBuffers::from_slice(&[5; 512]);
+        block_on(disk.write_vectored(&data.buffers(false), 1, false)).unwrap();
+        let disk = disk.with_read_only(true);
+        assert!(disk.is_read_only());
+        assert_eq!(disk.disk_id(), Some([3; 16]));
+        let back = OwnedRequestBuffers::new(512);
+        block_on(disk.read_vectored(&back.buffers(true), 1)).unwrap();
+        assert_eq!(back.to_vec(), vec![5; 512]);
+        assert!(matches!(
+            block_on(disk.write_vectored(&data.buffers(false), 1, false)),
+            Err(DiskError::ReadOnly)
+        ));
     }
 }

@@ -1,0 +1,426 @@
+//! The layered disk: construction rules and the read/write/unmap algorithms.
+
+use crate::layer::{DiskLayer, DynLayer, LowerLayerMetadata};
+use crate::marker::{SectorBitmap, SectorMarker};
+use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
+use request_buffers::{MemoryWrite, RequestBuffers};
+use smallvec::SmallVec;
+use thiserror::Error;
+
+/// One layer of a [`LayeredDisk`] with its role in the stack.
+#[derive(Debug)]
+pub struct LayerConfiguration<L = DiskLayer> {
+    /// The layer.
+    pub layer: L,
+    /// Writes and flushes that reach this layer also go to the layer below it.
+    pub write_through: bool,
+    /// Fill this layer with what the layers below return to reads, without overwriting
+    /// anything it already holds.
+    pub read_cache: bool,
+}
+
+impl LayerConfiguration {
+    /// A plain layer: no write-through, no read cache.
+    pub fn new(layer: DiskLayer) -> Self {
+        Self {
+            layer,
+            write_through: false,
+            read_cache: false,
+        }
+    }
+}
+
+/// Building a [`LayeredDisk`] failed.
+#[derive(Debug, Error)]
+pub enum InvalidLayeredDisk {
+    /// The list of layers is empty.
+    #[error("a layered disk needs at least one layer")]
+    NoLayers,
+    /// A layer could not attach to the layer below it.
+    #[error("layer {index} could not be attached")]
+    Attach {
+        /// Layer index, 0 at the top.
+        index: usize,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A layer's sector size differs from the top layer's.
+    #[error("layer {index} has {sector_size}-byte sectors but the top layer has {expected}")]
+    SectorSizeMismatch {
+        /// Layer index, 0 at the top.
+        index: usize,
+        /// The layer's sector size.
+        sector_size: u32,
+        /// The top layer's sector size.
+        expected: u32,
+    },
+    /// A layer flagged `read_cache` cannot be filled without overwriting.
+    #[error("layer {index} cannot be a read cache")]
+    ReadCacheUnsupported {
+        /// Layer index, 0 at the top.
+        index: usize,
+    },
+    /// The bottom layer is flagged `read_cache`: there is nothing below it to cache.
+    #[error("layer {index} is the bottom layer, so there is nothing for it to cache")]
+    UselessReadCache {
+        /// Layer index, 0 at the top.
+        index: usize,
+    },
+    /// The bottom layer is flagged `write_through`: there is nothing below it.
+    #[error("layer {index} is the bottom layer, so there is nothing to write through to")]
+    UselessWriteThrough {
+        /// Layer index, 0 at the top.
+        index: usize,
+    },
+    /// A logically read-only layer is on the write path of a writable disk.
+    #[error("layer {index} is read-only but on the write path of a writable disk")]
+    ReadOnlyLayerOnWritePath {
+        /// Layer index, 0 at the top.
+        index: usize,
+    },
+}
+
+struct Layer {
+    io: Box<dyn DynLayer>,
+    read_cache: bool,
+}
+
+/// A disk made of layers, listed top first.
+///
+/// - A read asks each layer in turn for the sectors still missing; what no layer supplies
+///   reads as zeros. Layer `i` is only asked for sectors below the smallest sector count of
+///   layers `0..=i` (a lower layer is clamped to the layers above it).
+/// - A `read_cache` layer is filled, with `write_no_overwrite`, from what the layers below
+///   it returned; a failure to fill it does not fail the read.
+/// - Writes and flushes go to the top layer and on down while a layer is `write_through`
+///   (the *write path*). Writes reach the lowest layer of the path first, so a failed
+///   write never leaves an upper layer holding data the lower one refused.
+/// - Unmap goes to the write path bottom first; each layer learns whether the stack below
+///   it now reads as zeros (`next_is_zero`).
+/// - The disk's size, resize notifications and identity come from the top layer (the id
+///   from the first layer from the top that has one); FUA is respected only if every layer
+///   on the write path respects it.
+pub struct LayeredDisk {
+    layers: Vec<Layer>,
+    read_only: bool,
+    /// Layers `0..write_path_len` receive writes.
+    write_path_len: usize,
+    /// `next_is_zero` to pass to each write-path layer's unmap.
+    next_is_zero: Vec<bool>,
+    sector_size: u32,
+    sector_shift: u32,
+    physical_sector_size: u32,
+    disk_id: Option<[u8; 16]>,
+    is_fua_respected: bool,
+    unmap_behavior: UnmapBehavior,
+    optimal_unmap_sectors: u32,
+}
+
+impl std::fmt::Debug for LayeredDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layers: Vec<&str> = self.layers.iter().map(|l| l.io.layer_type()).collect();
+        f.debug_struct("LayeredDisk")
+            .field("layers", &layers)
+            .field("read_only", &self.read_only)
+            .field("write_path_len", &self.write_path_len)
+            .finish()
+    }
+}
+
+/// The unmap behaviour of a write-path layer with `below` the merged behaviour of the
+/// write-path layers under it: reads come from the upper layer first, so it decides unless
+/// it ignores unmaps, in which case unmapped sectors it does not hold show what is below.
+fn merge_unmap(upper: UnmapBehavior, below: Option<UnmapBehavior>) -> UnmapBehavior {
+    match (upper, below) {
+        (UnmapBehavior::Ignored, None | Some(UnmapBehavior::Ignored)) => UnmapBehavior::Ignored,
+        (UnmapBehavior::Ignored, Some(_)) => UnmapBehavior::Unspecified,
+        (upper, _) => upper,
+    }
+}
+
+impl LayeredDisk {
+    /// Attaches `layers` (top first) bottom to top and checks the stack.
+    pub fn new(
+        read_only: bool,
+        layers: Vec<LayerConfiguration>,
+    ) -> Result<Self, InvalidLayeredDisk> {
+        if layers.is_empty() {
+            return Err(InvalidLayeredDisk::NoLayers);
+        }
+        let count = layers.len();
+        let mut attached: Vec<Layer> = Vec::with_capacity(count);
+        let mut lower: Option<LowerLayerMetadata> = None;
+        let mut flags = Vec::with_capacity(count);
+        for (index, config) in layers.into_iter().enumerate().rev() {
+            let io = config
+                .layer
+                .attach(lower.as_ref())
+                .map_err(|source| InvalidLayeredDisk::Attach { index, source })?;
+            lower = Some(LowerLayerMetadata {
+                sector_count: io.sector_count(),
+                sector_size: io.sector_size(),
+                physical_sector_size: io.physical_sector_size(),
+                disk_id: io.disk_id(),
+            });
+            flags.push(config.write_through);
+            attached.push(Layer {
+                io,
+                read_cache: config.read_cache,
+            });
+        }
+        attached.reverse();
+        flags.reverse();
+        let layers = attached;
+
+        let sector_size = layers[0].io.sector_size();
+        for (index, layer) in layers.iter().enumerate() {
+            if layer.io.sector_size() != sector_size {
+                return Err(InvalidLayeredDisk::SectorSizeMismatch {
+                    index,
+                    sector_size: layer.io.sector_size(),
+                    expected: sector_size,
+                });
+            }
+            if layer.read_cache {
+                if index == count - 1 {
+                    return Err(InvalidLayeredDisk::UselessReadCache { index });
+                }
+                if !layer.io.can_write_no_overwrite() {
+                    return Err(InvalidLayeredDisk::ReadCacheUnsupported { index });
+                }
+            }
+        }
+        if flags[count - 1] {
+            return Err(InvalidLayeredDisk::UselessWriteThrough { index: count - 1 });
+        }
+        let write_path_len = flags
+            .iter()
+            .position(|&through| !through)
+            .unwrap_or(count - 1)
+            + 1;
+        let write_path = &layers[..write_path_len];
+        if !read_only
+            && let Some(index) = write_path
+                .iter()
+                .position(|l| l.io.is_logically_read_only())
+        {
+            return Err(InvalidLayeredDisk::ReadOnlyLayerOnWritePath { index });
+        }
+
+        // Merge unmap behaviour bottom-up and work out what each layer may assume below it.
+        let mut next_is_zero = vec![false; write_path_len];
+        let mut below: Option<UnmapBehavior> = None;
+        for index in (0..write_path_len).rev() {
+            next_is_zero[index] = if index == count - 1 {
+                true
+            } else {
+                below == Some(UnmapBehavior::Zeroes)
+            };
+            below = Some(merge_unmap(layers[index].io.unmap_behavior(), below));
+        }
+        let unmap_behavior = below.expect("the write path has at least one layer");
+
+        Ok(Self {
+            read_only,
+            write_path_len,
+            next_is_zero,
+            sector_size,
+            sector_shift: sector_size.trailing_zeros(),
+            physical_sector_size: layers[0].io.physical_sector_size(),
+            disk_id: layers.iter().find_map(|l| l.io.disk_id()),
+            is_fua_respected: write_path.iter().all(|l| l.io.is_fua_respected()),
+            optimal_unmap_sectors: write_path
+                .iter()
+                .map(|l| l.io.optimal_unmap_sectors())
+                .max()
+                .unwrap_or(1),
+            unmap_behavior,
+            layers,
+        })
+    }
+
+    /// The number of layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The number of layers writes reach, from the top.
+    pub fn write_path_len(&self) -> usize {
+        self.write_path_len
+    }
+
+    fn sectors_of(&self, buffers: &RequestBuffers<'_>) -> u64 {
+        (buffers.len() >> self.sector_shift) as u64
+    }
+
+    fn bytes(&self, sectors: u64) -> usize {
+        (sectors << self.sector_shift) as usize
+    }
+}
+
+impl DiskIo for LayeredDisk {
+    fn disk_type(&self) -> &str {
+        "layered"
+    }
+
+    fn sector_count(&self) -> u64 {
+        self.layers[0].io.sector_count()
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    fn disk_id(&self) -> Option<[u8; 16]> {
+        self.disk_id
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        self.physical_sector_size
+    }
+
+    fn is_fua_respected(&self) -> bool {
+        self.is_fua_respected
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
+        check_range(self, sector, buffers.len())?;
+        let count = self.sectors_of(buffers);
+        if count == 0 {
+            return Ok(());
+        }
+        let mut present = SectorBitmap::new(count);
+        // What each read-cache layer (or a layer above it) had supplied, to work out what
+        // the layers below it added.
+        let mut cache_snapshots: SmallVec<[(usize, SectorBitmap); 1]> = SmallVec::new();
+        let mut visible = sector + count;
+        for (index, layer) in self.layers.iter().enumerate() {
+            visible = visible.min(layer.io.sector_count());
+            if visible <= sector {
+                break;
+            }
+            let limit = visible - sector;
+            let mut at = 0;
+            loop {
+                let Some(run) = present.clear_runs(at..limit).next() else {
+                    break;
+                };
+                at = run.end;
+                let sub = buffers.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
+                let marker =
+                    SectorMarker::new(&mut present, sector, sector + run.start..sector + run.end);
+                layer.io.read(&sub, sector + run.start, marker).await?;
+            }
+            if present.is_full() {
+                break;
+            }
+            if layer.read_cache {
+                cache_snapshots.push((index, present.clone()));
+            }
+        }
+
+        // Fill read caches with what lower layers supplied. The cache never overwrites what
+        // it holds, so a write that raced with this read keeps its newer data.
+        for (index, before) in &cache_snapshots {
+            let cache = &self.layers[*index].io;
+            for run in present.newly_set_runs(before) {
+                let sub = buffers.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
+                let sub = RequestBuffers::new(sub.guest_memory(), sub.range(), false);
+                // A cache that cannot be filled costs a later miss, not this read.
+                let _ = cache.write_no_overwrite(&sub, sector + run.start).await;
+            }
+        }
+
+        for run in present.clear_runs(0..count) {
+            buffers
+                .subrange(self.bytes(run.start), self.bytes(run.end - run.start))
+                .writer()
+                .zero(self.bytes(run.end - run.start))?;
+        }
+        Ok(())
+    }
+
+    async fn write_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+    ) -> Result<(), DiskError> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_range(self, sector, buffers.len())?;
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        for layer in self.layers[..self.write_path_len].iter().rev() {
+            layer.io.write(buffers, sector, fua).await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_cache(&self) -> Result<(), DiskError> {
+        for layer in self.layers[..self.write_path_len].iter().rev() {
+            layer.io.sync_cache().await?;
+        }
+        Ok(())
+    }
+
+    async fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        block_level_only: bool,
+    ) -> Result<(), DiskError> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_unmap_range(self, sector, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        for index in (0..self.write_path_len).rev() {
+            self.layers[index]
+                .io
+                .unmap(sector, count, block_level_only, self.next_is_zero[index])
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn unmap_behavior(&self) -> UnmapBehavior {
+        self.unmap_behavior
+    }
+
+    fn optimal_unmap_sectors(&self) -> u32 {
+        self.optimal_unmap_sectors
+    }
+
+    async fn wait_resize(&self, sector_count: u64) -> u64 {
+        self.layers[0].io.wait_resize(sector_count).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmap_merge() {
+        use UnmapBehavior::*;
+        assert_eq!(merge_unmap(Zeroes, Some(Ignored)), Zeroes);
+        assert_eq!(merge_unmap(Unspecified, Some(Zeroes)), Unspecified);
+        assert_eq!(merge_unmap(Ignored, Some(Zeroes)), Unspecified);
+        assert_eq!(merge_unmap(Ignored, Some(Ignored)), Ignored);
+        assert_eq!(merge_unmap(Ignored, None), Ignored);
+    }
+}
