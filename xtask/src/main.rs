@@ -14,10 +14,15 @@ verbs:
   clippy              lint every target; warnings are errors
   test                run every test, doc tests included
   doc                 build the docs; warnings are errors
-  ci                  fmt, clippy, test, doc, in that order; stops at the first failure
+  ci                  fmt, clippy, test, doc, fuzz smoke, in that order; stops at the
+                      first failure (the fuzz smoke is skipped, saying so, without
+                      nightly and cargo-fuzz)
   stress [SEEDS]      the conformance model tests over SEEDS random seeds (default 200),
                       release build; set DISK_CONFORMANCE_SEED=N to replay one seed
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
+  fuzz [TARGET [SECS]]
+                      list the fuzz targets, or fuzz TARGET for SECS seconds (default
+                      300) with cargo-fuzz on the nightly toolchain
   run [ARGS]          the main job: diskctl bench on a built-in default
   help                this text
 ";
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "stress" => stress(rest),
         "bench" => bench(rest),
+        "fuzz" => fuzz(rest),
         "run" => run_main_job(rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
@@ -111,7 +117,83 @@ fn ci() -> Result {
     clippy()?;
     test()?;
     doc()?;
+    fuzz_smoke()?;
     eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// Seconds each fuzz target runs in `ci`: enough to catch a crash on a shallow path, short
+/// enough for CI. Long runs are `cargo xtask fuzz TARGET SECS`.
+const SMOKE_SECONDS: u32 = 20;
+
+fn fuzz_targets() -> std::result::Result<Vec<String>, String> {
+    let dir = std::path::Path::new("fuzz/fuzz_targets");
+    let mut targets: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(String::from))?
+        })
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
+fn fuzz_available() -> bool {
+    Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+fn fuzz_run(target: &str, seconds: u32) -> Result {
+    let mut c = Command::new("cargo");
+    c.args(["+nightly", "fuzz", "run", target, "--"]);
+    c.arg(format!("-max_total_time={seconds}"));
+    run(&format!("fuzz {target}"), c)
+}
+
+fn fuzz(args: &[String]) -> Result {
+    let targets = fuzz_targets()?;
+    let (target, seconds) = match args {
+        [] => {
+            println!("{}", targets.join("\n"));
+            return Ok(());
+        }
+        [target] => (target, 300),
+        [target, seconds] => (
+            target,
+            seconds
+                .parse()
+                .map_err(|_| format!("`{seconds}` is not a number of seconds"))?,
+        ),
+        _ => return Err("usage: cargo xtask fuzz [TARGET [SECONDS]]".into()),
+    };
+    if !targets.contains(target) {
+        return Err(format!(
+            "no fuzz target `{target}`; targets: {}",
+            targets.join(", ")
+        ));
+    }
+    if !fuzz_available() {
+        return Err(
+            "fuzzing needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`)"
+                .into(),
+        );
+    }
+    fuzz_run(target, seconds)
+}
+
+fn fuzz_smoke() -> Result {
+    if !fuzz_available() {
+        eprintln!(
+            "xtask: fuzz smoke SKIPPED: needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`)"
+        );
+        return Ok(());
+    }
+    for target in fuzz_targets()? {
+        fuzz_run(&target, SMOKE_SECONDS)?;
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Typical stacks: a RAM layer over a read-only base image (a throw-away overlay), a RAM
 //! read cache over a slow disk, a differencing layer over a shared parent. Layers come from
-//! [`disk_ram::RamLayer`](https://docs.rs/disk_ram) (sparse memory), [`DiskAsLayer`] (any
+//! `disk_ram::RamLayer` (sparse memory), [`DiskAsLayer`] (any
 //! [`Disk`](disk_backend::Disk)), or any other [`LayerIo`]. A layer can take its geometry from
 //! the layer below it when the disk is built ([`LayerAttach`]). The format of each layer comes
 //! from configuration, never from bytes on a disk.

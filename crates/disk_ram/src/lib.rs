@@ -1,6 +1,6 @@
 //! Sparse memory: the RAM layer of layered disks, and the RAM disk built from it.
 //!
-//! [`RamLayer`] is a [`LayerIo`] that holds only the sectors written to it (plus runs of
+//! [`RamLayer`] is a [`LayerIo`](disk_layered::LayerIo) that holds only the sectors written to it (plus runs of
 //! sectors it knows are zero), so a terabyte-sized layer costs nothing until used. It can be
 //! resized at run time ([`RamLayer::resize`], waking `wait_resize`), can take its size from the
 //! layer below it ([`RamLayer::lazy`]), and can be a read cache (it fills without
