@@ -51,25 +51,28 @@
 //! the state, and wakes their requests. A request in flight at that moment completes with
 //! [`DiskError::AbortDueToPreemptAndAbort`]:
 //!
-//! - if it is still waiting in the inner disk, it is woken, its inner future is dropped, and it
-//!   fails at once. What had not reached the inner disk never will; a write the inner disk
-//!   had already begun may have been applied, wholly or in part, and an inner disk that keeps
-//!   working on another thread after its future is dropped (a file on a thread pool) may
-//!   still complete it after the PREEMPT AND ABORT has returned;
+//! - if it is still pending in the inner disk, it is woken, its inner future is dropped, and
+//!   it fails at once, without waiting for the inner disk. A request the inner disk had only
+//!   queued is thereby cancelled and never touches the medium. A write the inner disk had
+//!   already begun may have been applied, wholly or in part; and an inner disk that keeps
+//!   working on another thread after its future is dropped (a file served by a thread pool)
+//!   may even apply it after the PREEMPT AND ABORT has returned. The emulation cannot reach
+//!   into the inner disk to stop that;
 //! - if the inner request completed but its future had not yet returned, it fails anyway,
 //!   though the write was applied (as with a SCSI command aborted after the medium was
 //!   written).
 //!
 //! A request that starts after the command is checked against the new state: a preempted
 //! initiator is no longer registered and gets [`DiskError::ReservationConflict`] wherever the
-//! reservation excludes unregistered initiators. The issuer's own requests are aborted only
-//! when it preempts its own key, as SPC-4 says.
+//! reservation excludes unregistered initiators. As SPC-4 says, the issuer's own requests
+//! are aborted too when it is itself registered with the preempted key, and when it
+//! preempts an "All Registrants" reservation with key 0 (which aborts every registrant).
 //!
 //! # Example
 //!
 //! ```
 //! use disk_backend::pr::ReservationType;
-//! use disk_backend::Disk;
+//! use disk_backend::{Disk, DiskError};
 //! use disk_prwrap::{DiskWithReservations, InitiatorId};
 //! use request_buffers::OwnedRequestBuffers;
 //!
@@ -190,8 +193,8 @@ impl DiskWithReservations {
     ///
     /// The file is only written once an initiator turns persistence on. Its directory must
     /// exist then; a failure to save fails that command with
-    /// [`DiskError::Io`](disk_backend::DiskError::Io) and leaves
-    /// the state unchanged. Only one wrapper may use a file at a time.
+    /// [`DiskError::Io`](disk_backend::DiskError::Io) and leaves the state unchanged. Only one
+    /// wrapper may use a file at a time.
     pub fn with_state_file(inner: Disk, path: impl Into<PathBuf>) -> Result<Self, LoadStateError> {
         let path = path.into();
         let state = state_file::load(&path)?;
