@@ -161,7 +161,9 @@ impl InitiatorDisk {
         if let Some(path) = &self.shared.state_file {
             let image = state_file::encode(&next);
             // Saved before it takes effect: a command that reports success has persisted,
-            // and one that fails to persist has changed nothing.
+            // and one that fails to persist has changed nothing. (If the caller drops this
+            // future while the save runs, the file may briefly hold a state that never took
+            // effect, like a device that lost power mid-command; the next save replaces it.)
             if image != state_file::encode(&current) {
                 let path = path.clone();
                 blocking::unblock(move || state_file::save(&path, &image))

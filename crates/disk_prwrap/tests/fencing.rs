@@ -151,7 +151,7 @@ fn fencing_under_concurrent_io_never_lets_a_refused_write_through() {
     );
 }
 
-/// Issues `count` tagged writes (tags 100..) and one read from `disk` on threads, each
+/// Issues `writes` tagged writes (tags 100..) and one read from `disk` on threads, each
 /// sending its outcome.
 fn spawn_requests<'s>(
     scope: &'s std::thread::Scope<'s, '_>,
@@ -176,7 +176,7 @@ fn spawn_requests<'s>(
     });
 }
 
-/// a holds Write Exclusive, b is registered; `setup` returns (probe, shared, a, b).
+/// The probe, the wrapper, and the disks of a (holding Write Exclusive) and b (registered).
 fn two_nodes() -> (Arc<ProbeDisk>, DiskWithReservations, Disk, Disk) {
     let (probe, shared) = ProbeDisk::wrapped(64);
     let a = shared.initiator(id("a"));
