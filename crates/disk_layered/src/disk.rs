@@ -310,7 +310,11 @@ impl DiskIo for LayeredDisk {
             }
             let limit = visible - sector;
             let mut at = 0;
-            loop {
+            // A layer that certainly holds none of the sectors costs no I/O call.
+            if !layer.io.may_hold(sector, limit) {
+                at = limit;
+            }
+            while at < limit {
                 let Some(run) = present.clear_runs(at..limit).next() else {
                     break;
                 };

@@ -51,6 +51,15 @@ pub trait LayerIo: 'static + Send + Sync {
         marker: SectorMarker<'_>,
     ) -> impl Future<Output = Result<(), DiskError>> + Send;
 
+    /// Whether the layer may hold any of the `count` sectors at `sector`: a cheap,
+    /// synchronous hint that lets a read skip a layer without issuing I/O to it. It must
+    /// never return `false` for a range in which the layer holds a sector; `true` is always
+    /// allowed (the default).
+    fn may_hold(&self, sector: u64, count: u64) -> bool {
+        let _ = (sector, count);
+        true
+    }
+
     /// Writes whole sectors from `buffers` at `sector`.
     fn write(
         &self,
@@ -180,6 +189,9 @@ impl<T: LayerIo> LayerIo for Arc<T> {
     ) -> impl Future<Output = Result<(), DiskError>> + Send {
         (**self).read(buffers, sector, marker)
     }
+    fn may_hold(&self, sector: u64, count: u64) -> bool {
+        (**self).may_hold(sector, count)
+    }
     fn write(
         &self,
         buffers: &RequestBuffers<'_>,
@@ -229,6 +241,7 @@ pub(crate) trait DynLayer: Send + Sync {
     fn unmap_behavior(&self) -> UnmapBehavior;
     fn optimal_unmap_sectors(&self) -> u32;
     fn can_write_no_overwrite(&self) -> bool;
+    fn may_hold(&self, sector: u64, count: u64) -> bool;
     fn sync_cache(&self) -> LayerFuture<'_>;
     fn read<'a>(
         &'a self,
@@ -287,6 +300,9 @@ impl<T: LayerIo> DynLayer for T {
     }
     fn can_write_no_overwrite(&self) -> bool {
         LayerIo::write_no_overwrite(self).is_some()
+    }
+    fn may_hold(&self, sector: u64, count: u64) -> bool {
+        LayerIo::may_hold(self, sector, count)
     }
     fn sync_cache(&self) -> LayerFuture<'_> {
         StackFuture::from_or_box(LayerIo::sync_cache(self))

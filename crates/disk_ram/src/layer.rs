@@ -248,6 +248,16 @@ impl LayerIo for RamLayer {
         Ok(())
     }
 
+    fn may_hold(&self, sector: u64, count: u64) -> bool {
+        let end = sector.saturating_add(count);
+        let state = self.state.read();
+        state
+            .entries
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&start, entry)| start + entry.len() > sector)
+    }
+
     async fn write(
         &self,
         buffers: &RequestBuffers<'_>,

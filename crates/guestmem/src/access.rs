@@ -140,35 +140,44 @@ impl<'a> PagedRangeWriter<'a> {
         self.range
     }
 
-    fn take(&mut self, len: usize) -> Result<PagedRange<'a>, AccessError> {
+    /// The next `len` bytes, validated so that writing them cannot stop half way: a single
+    /// run is validated by its (all-or-nothing) copy, several are checked up front.
+    fn prefix(&self, len: usize) -> Result<PagedRange<'a>, AccessError> {
         let range = self
             .range
             .try_subrange(0, len)
             .ok_or_else(|| exhausted(len, self.range.len()))?;
-        check_runs(self.mem, range, true)?;
-        self.range = self.range.subrange(len, self.range.len() - len);
+        if range.runs().nth(1).is_some() {
+            check_runs(self.mem, range, true)?;
+        }
         Ok(range)
+    }
+
+    fn advance(&mut self, len: usize) {
+        self.range = self.range.subrange(len, self.range.len() - len);
     }
 }
 
 impl MemoryWrite for PagedRangeWriter<'_> {
     fn write(&mut self, data: &[u8]) -> Result<(), AccessError> {
-        let range = self.take(data.len())?;
+        let range = self.prefix(data.len())?;
         let mut offset = 0;
         for run in range.runs() {
             let (gpa, len) = run?;
             self.mem.write_at(gpa, &data[offset..offset + len])?;
             offset += len;
         }
+        self.advance(data.len());
         Ok(())
     }
 
     fn fill(&mut self, value: u8, len: usize) -> Result<(), AccessError> {
-        let range = self.take(len)?;
+        let range = self.prefix(len)?;
         for run in range.runs() {
             let (gpa, len) = run?;
             self.mem.fill_at(gpa, value, len)?;
         }
+        self.advance(len);
         Ok(())
     }
 

@@ -130,6 +130,12 @@ impl GuestMemory {
 
     /// Copies guest memory at `gpa` into `dst`.
     pub fn read_at(&self, gpa: u64, dst: &mut [u8]) -> Result<(), AccessError> {
+        if let Some(host) = self.single_region(gpa, dst.len(), false) {
+            // SAFETY: `single_region` found `host..host+len` inside one live region; see
+            // the general case below for why a raw copy out of guest memory is sound.
+            unsafe { std::ptr::copy_nonoverlapping(host, dst.as_mut_ptr(), dst.len()) };
+            return Ok(());
+        }
         self.check_range(gpa, dst.len(), false)?;
         self.walk(gpa, dst.len(), false, |host, offset, len| {
             // SAFETY: `walk` guarantees `host..host+len` lies inside a live region, and
@@ -141,6 +147,12 @@ impl GuestMemory {
 
     /// Copies `src` into guest memory at `gpa`.
     pub fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), AccessError> {
+        if let Some(host) = self.single_region(gpa, src.len(), true) {
+            // SAFETY: `single_region` found `host..host+len` inside one live, writable
+            // region, and `src` is a host buffer, so they cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), host, src.len()) };
+            return Ok(());
+        }
         self.check_range(gpa, src.len(), true)?;
         self.walk(gpa, src.len(), true, |host, offset, len| {
             // SAFETY: as in `read_at`; the region is writable (checked above) and `src` is a
@@ -172,6 +184,18 @@ impl GuestMemory {
         value: &T,
     ) -> Result<(), AccessError> {
         self.write_at(gpa, value.as_bytes())
+    }
+
+    /// The host address of `gpa..gpa+len` when that lies inside one region (writable, if
+    /// `write`): the common case, served without walking. `None` sends the caller to the
+    /// general path, which also produces the error.
+    fn single_region(&self, gpa: u64, len: usize, write: bool) -> Option<*mut u8> {
+        let regions = &self.inner.regions;
+        let region = &regions[regions.partition_point(|r| r.gpa <= gpa).checked_sub(1)?];
+        let offset = gpa - region.gpa;
+        let fits = offset.checked_add(len as u64)? <= region.len;
+        // `wrapping_add` keeps this safe to compute; it only stays in bounds when `fits`.
+        (fits && (region.writable || !write)).then(|| region.host.wrapping_add(offset as usize))
     }
 
     /// Calls `f(host_address, offset_into_access, run_len)` for each region-contiguous run of
