@@ -459,6 +459,28 @@ mod tests {
     }
 
     #[test]
+    fn may_hold_is_exact_at_the_edges() {
+        let ram = RamLayer::new(1000, 512).unwrap();
+        assert!(!ram.may_hold(0, 1000));
+        let one = OwnedRequestBuffers::from_slice(&[1; 512]);
+        block_on(LayerIo::write(&ram, &one.buffers(false), 10, false)).unwrap();
+        block_on(LayerIo::unmap(&ram, 100, 50, false, false)).unwrap();
+        for (sector, count, expected) in [
+            (0, 10, false),
+            (0, 11, true),
+            (10, 1, true),
+            (11, 89, false),
+            (99, 2, true),
+            (149, 1, true),
+            (150, 850, false),
+            (u64::MAX, u64::MAX, false),
+            (0, u64::MAX, true),
+        ] {
+            assert_eq!(ram.may_hold(sector, count), expected, "{count} sectors at {sector}");
+        }
+    }
+
+    #[test]
     fn lazy_layer_takes_the_lower_geometry() {
         let lower = LowerLayerMetadata {
             sector_count: 77,
