@@ -75,6 +75,7 @@
 mod disk;
 mod error;
 pub mod pr;
+pub mod resolve;
 pub mod sync_wrapper;
 
 pub use disk::{Disk, INLINE_FUTURE_SIZE};

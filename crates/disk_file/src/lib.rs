@@ -29,7 +29,10 @@
 // which safe Rust cannot borrow (it may change under us), and `fallocate` has no std wrapper.
 #![allow(unsafe_code)]
 
+mod resolve;
 mod sys;
+
+pub use resolve::FileResolver;
 
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
 use request_buffers::RequestBuffers;

@@ -45,6 +45,7 @@ mod disk;
 mod disk_layer;
 mod layer;
 mod marker;
+mod resolve;
 
 pub use disk::{InvalidLayeredDisk, LayerConfiguration, LayeredDisk};
 pub use disk_layer::DiskAsLayer;
@@ -52,3 +53,4 @@ pub use layer::{
     DiskLayer, LayerAttach, LayerIo, LowerLayerMetadata, NoWriteNoOverwrite, WriteNoOverwrite,
 };
 pub use marker::SectorMarker;
+pub use resolve::{LayeredResolver, ResolveLayer};

@@ -117,10 +117,12 @@
 #![forbid(unsafe_code)]
 
 mod initiator;
+mod resolve;
 mod state;
 mod state_file;
 
 pub use initiator::InitiatorDisk;
+pub use resolve::PrWrapResolver;
 pub use state_file::{DecodeStateError, LoadStateError};
 
 use disk_backend::Disk;

@@ -277,3 +277,46 @@ fn the_initiator_disk_forwards_the_inner_geometry() {
     assert_eq!(waiter.join().unwrap(), 200);
     assert_eq!(disk.sector_count(), 200);
 }
+
+#[test]
+fn prwrap_specs() {
+    use disk_backend::resolve::Resolver;
+    let mut resolver = Resolver::new();
+    resolver
+        .register(disk_prwrap::PrWrapResolver)
+        .register(disk_ram::RamResolver);
+    let resolve = |spec: &str| {
+        resolver
+            .resolve(&spec.parse().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let disk = resolve("prwrap(ram(size=1M), host=node-a, controller=3)").unwrap();
+    assert_eq!(disk.sector_count(), 2048);
+    let pr = disk.pr().expect("reservations");
+    block_on(pr.register(None, 0x11, None)).unwrap();
+    let report = block_on(pr.report()).unwrap();
+    assert_eq!(report.controllers[0].host_id, b"node-a");
+    assert_eq!(report.controllers[0].controller_id, 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("pr.state");
+    std::fs::write(&state, b"not a state file").unwrap();
+    let err = resolve(&format!("prwrap(ram, state={})", state.display())).unwrap_err();
+    assert!(
+        err.contains("prwrap: cannot load the reservation state"),
+        "{err}"
+    );
+    for (spec, error) in [
+        ("prwrap", "prwrap: takes exactly one disk, not 0"),
+        ("prwrap(ram, controller=70000)", "does not fit in 16 bits"),
+        (
+            "prwrap(ram, controller=x)",
+            "`controller`: `x` is not a number",
+        ),
+        ("prwrap(ram, host=a, host=b)", "unknown argument `host`"),
+        ("prwrap(bogus)", "prwrap/bogus[1]: unknown disk kind"),
+    ] {
+        let err = resolve(spec).unwrap_err();
+        assert!(err.contains(error), "{spec}: {err}");
+    }
+}

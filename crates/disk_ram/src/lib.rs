@@ -28,8 +28,10 @@
 #![forbid(unsafe_code)]
 
 mod layer;
+mod resolve;
 
 pub use layer::{RamLayer, RamLayerConfig};
+pub use resolve::{DEFAULT_RAM_DISK_BYTES, RamResolver};
 
 use disk_backend::{DiskError, DiskIo, UnmapBehavior};
 use disk_layered::{DiskLayer, LayerConfiguration, LayeredDisk};

@@ -1,26 +1,29 @@
-//! `diskctl`: build a disk stack and run workloads through it.
+//! `diskctl`: build a disk stack from a spec and inspect it or run workloads through it.
 //!
-//! `diskctl bench` with no arguments creates a temporary 256 MiB file, serves it as a
-//! [`disk_file::FileDisk`] through [`disk_backend::Disk`], runs a verified
-//! mixed random workload for a few seconds and prints IOPS, bandwidth and latency.
+//! A spec describes the stack (`layered(ram, file:base.img:ro)`); see `diskctl kinds` and
+//! `docs/diskctl.md`. Without a spec, `diskctl` works on a built-in default: a temporary
+//! 256 MiB file.
 
 #![forbid(unsafe_code)]
 
-mod size;
+mod info;
+mod stack;
 mod workload;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use disk_backend::Disk;
-use disk_file::{FileDisk, FileDiskOptions};
-use disk_ram::RamDisk;
-use std::path::PathBuf;
+use clap::{Parser, Subcommand};
+use disk_backend::resolve::parse_size;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use workload::{Config, Pattern, Progress};
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Build a disk stack and run verified workloads through it"
+    about = "Build a disk stack from a spec and inspect it or run workloads through it"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,53 +32,68 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a verified random workload and report IOPS, bandwidth and latency.
-    Bench(BenchArgs),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Backend {
-    /// A host file (a temporary one unless --file is given).
-    File,
-    /// A sparse in-memory disk.
-    Ram,
+    /// Show the geometry, features and tree of a stack.
+    Info {
+        /// The stack (default: a temporary 256 MiB file).
+        spec: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a workload and report IOPS, bandwidth and latency.
+    Bench(Box<BenchArgs>),
+    /// List the kinds of disk a spec can use.
+    Kinds,
 }
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// The backend to build.
-    #[arg(long, value_enum, default_value = "file")]
-    backend: Backend,
-    /// An existing file to use instead of a temporary one. Its contents are overwritten.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Disk size for temporary files and RAM disks (suffixes k, M, G).
-    #[arg(long, default_value = "256M", value_parser = size::parse)]
-    size: u64,
-    /// Logical sector size in bytes.
-    #[arg(long, default_value_t = 512)]
-    sector_size: u32,
-    /// Block size of each request (suffixes k, M); a multiple of the sector size.
-    #[arg(long, default_value = "4k", value_parser = size::parse)]
+    /// The stack (default: a temporary 256 MiB file).
+    spec: Option<String>,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value = "randrw")]
+    rw: Pattern,
+    /// Bytes per request (suffixes k, M).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
     bs: u64,
     /// Requests in flight.
     #[arg(long, default_value_t = 16)]
     qd: usize,
-    /// How long to run, in seconds.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
-    /// Percentage of requests that are reads; the rest are writes.
+    /// Percentage of reads for randrw and rw.
     #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     read_pct: u8,
+    /// Stop after this many seconds (default 3 unless --size is given).
+    #[arg(long)]
+    runtime: Option<f64>,
+    /// Stop after this many bytes (suffixes k, M, G).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Stamp every written block with a checksummed header and check every read: on by
+    /// default; kept for explicitness.
+    #[arg(long, overrides_with = "no_verify")]
+    verify: bool,
+    /// Do not stamp or check data.
+    #[arg(long)]
+    no_verify: bool,
     /// Seed of the random block choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Info { spec, json } => info(spec.as_deref(), json),
         Command::Bench(args) => bench(&args),
+        Command::Kinds => {
+            for (kind, usage) in stack::resolver().kinds() {
+                println!("{kind:<10} {usage}");
+            }
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,72 +104,109 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(args: &BenchArgs) -> Result<(), String> {
-    // The temporary file lives until the end of the run.
-    let mut _temp = None;
-    let (disk, description) = match args.backend {
-        Backend::Ram => {
-            let sector_count = args.size / args.sector_size as u64;
-            let ram = RamDisk::new(sector_count, args.sector_size).map_err(|e| e.to_string())?;
-            (
-                Disk::new(ram).map_err(|e| e.to_string())?,
-                "ram".to_string(),
-            )
-        }
-        Backend::File => {
-            let path = match &args.file {
-                Some(path) => path.clone(),
-                None => {
-                    let temp = tempfile::NamedTempFile::new()
-                        .map_err(|e| format!("cannot create a temporary file: {e}"))?;
-                    temp.as_file()
-                        .set_len(args.size)
-                        .map_err(|e| format!("cannot size the temporary file: {e}"))?;
-                    let path = temp.path().to_owned();
-                    _temp = Some(temp);
-                    path
-                }
-            };
-            let options = FileDiskOptions {
-                sector_size: args.sector_size,
-                ..Default::default()
-            };
-            let file = FileDisk::open(&path, &options).map_err(|e| error_chain(&e))?;
-            (
-                Disk::new(file).map_err(|e| e.to_string())?,
-                format!("file {}", path.display()),
-            )
-        }
-    };
-    let config = workload::Config {
-        block_bytes: args.bs,
-        queue_depth: args.qd,
-        duration: Duration::try_from_secs_f64(args.seconds)
-            .map_err(|_| format!("invalid duration {}", args.seconds))?,
-        read_percent: args.read_pct,
-        seed: args.seed,
-    };
-    println!(
-        "disk: {description}, {} sectors of {} bytes; {} B blocks, qd {}, {}% reads, {:.1} s",
-        disk.sector_count(),
-        disk.sector_size(),
-        config.block_bytes,
-        config.queue_depth,
-        config.read_percent,
-        config.duration.as_secs_f64()
-    );
-    let report = workload::run(&disk, &config).map_err(|e| e.to_string())?;
-    println!("{report}");
+fn to_json(value: &impl Serialize) -> Result<String, String> {
+    serde_json::to_string_pretty(value).map_err(|e| format!("cannot encode JSON: {e}"))
+}
+
+fn info(spec: Option<&str>, json: bool) -> Result<(), String> {
+    let stack = stack::open(spec)?;
+    let info = info::Info::new(&stack.disk, &stack.spec);
+    if json {
+        println!("{}", to_json(&info)?);
+    } else {
+        println!("{info}");
+    }
     Ok(())
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
+/// What `diskctl bench --json` prints.
+#[derive(Serialize)]
+struct BenchOutput<'a> {
+    disk: &'a info::Info,
+    workload: &'a Config,
+    result: &'a workload::Report,
+}
+
+fn bench(args: &BenchArgs) -> Result<(), String> {
+    let stack = stack::open(args.spec.as_deref())?;
+    let config = Config {
+        rw: args.rw,
+        block_size: args.bs,
+        queue_depth: args.qd,
+        read_percent: args.read_pct,
+        runtime_seconds: args.runtime,
+        size_bytes: args.size,
+        verify: !args.no_verify,
+        seed: args.seed,
+    };
+    let info = info::Info::new(&stack.disk, &stack.spec);
+    if !args.json {
+        println!(
+            "disk: {} ({} sectors of {} bytes)\nworkload: {:?}, {} B blocks, qd {}, {}",
+            info.spec,
+            info.sector_count,
+            info.sector_size,
+            config.rw,
+            config.block_size,
+            config.queue_depth,
+            if config.verify {
+                "verified"
+            } else {
+                "not verified"
+            }
+        );
     }
-    message
+    let progress = Progress::default();
+    let show_progress = !args.json && std::io::stderr().is_terminal();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let report = std::thread::scope(|scope| {
+        if show_progress {
+            let (progress, done) = (&progress, &done);
+            let length = match (config.runtime_seconds, config.size_bytes) {
+                (None, Some(size)) => size,
+                (runtime, _) => (runtime.unwrap_or(3.0) * 1000.0) as u64,
+            };
+            let by_bytes = config.runtime_seconds.is_none() && config.size_bytes.is_some();
+            scope.spawn(move || {
+                let bar = ProgressBar::new(length.max(1));
+                let template = if by_bytes {
+                    "{bar:40} {bytes}/{total_bytes} {msg}"
+                } else {
+                    "{bar:40} {elapsed} {msg}"
+                };
+                if let Ok(style) = ProgressStyle::with_template(template) {
+                    bar.set_style(style);
+                }
+                let start = std::time::Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    let ops = progress.ops.load(Ordering::Relaxed);
+                    bar.set_position(if by_bytes {
+                        progress.bytes.load(Ordering::Relaxed)
+                    } else {
+                        start.elapsed().as_millis() as u64
+                    });
+                    bar.set_message(format!("{ops} requests"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                bar.finish_and_clear();
+            });
+        }
+        let report = workload::run(&stack.disk, &config, &progress);
+        done.store(true, Ordering::Relaxed);
+        report
+    })
+    .map_err(|e| stack::error_chain(&e))?;
+    if args.json {
+        println!(
+            "{}",
+            to_json(&BenchOutput {
+                disk: &info,
+                workload: &config,
+                result: &report,
+            })?
+        );
+    } else {
+        println!("{report}");
+    }
+    Ok(())
 }

@@ -1,30 +1,72 @@
-//! A verified random workload through a `Disk`.
+//! Workloads through a `Disk`: random or sequential, reads, writes or a mix, with optional
+//! end-to-end verification.
 //!
-//! Every write stamps its block with a pattern derived from the block number and a per-block
-//! generation; every read of a block written during the run is compared with the pattern of
-//! the last acknowledged write. A block is never in two requests at once, so the expected
-//! contents are always known.
+//! With verification every written block starts with a header: a magic number, the block's
+//! own number, a generation and a CRC-32 of the rest of the block. A read checks the header
+//! of any block that has one (so corruption written by an earlier run is caught too), and,
+//! for a block this run wrote, that it holds the last acknowledged generation. A block is
+//! never in two requests at once, so the expected contents are always known.
 
 use disk_backend::{Disk, DiskError};
 use futures::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use request_buffers::{MemoryRead, OwnedRequestBuffers};
-use std::fmt;
+use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// The access pattern, named as fio names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+    /// Random reads and writes (`--read-pct` reads).
+    Randrw,
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Sequential reads and writes (`--read-pct` reads).
+    Rw,
+}
+
+impl Pattern {
+    fn is_random(self) -> bool {
+        matches!(self, Self::Randread | Self::Randwrite | Self::Randrw)
+    }
+
+    /// The share of reads, in percent.
+    fn read_percent(self, mixed: u8) -> u8 {
+        match self {
+            Self::Randread | Self::Read => 100,
+            Self::Randwrite | Self::Write => 0,
+            Self::Randrw | Self::Rw => mixed,
+        }
+    }
+}
+
 /// What to run.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// The access pattern.
+    pub rw: Pattern,
     /// Bytes per request.
-    pub block_bytes: u64,
+    pub block_size: u64,
     /// Requests in flight.
     pub queue_depth: usize,
-    /// How long to run.
-    pub duration: Duration,
-    /// Share of reads, in percent.
+    /// Share of reads for mixed patterns, in percent.
     pub read_percent: u8,
+    /// Stop after this long (if set).
+    pub runtime_seconds: Option<f64>,
+    /// Stop after this many bytes (if set).
+    pub size_bytes: Option<u64>,
+    /// Check every read.
+    pub verify: bool,
     /// Seed of the random block choice.
     pub seed: u64,
 }
@@ -32,29 +74,32 @@ pub struct Config {
 /// The workload could not run, or the disk returned wrong data.
 #[derive(Debug, Error)]
 pub enum WorkloadError {
-    /// The block size is zero, not a multiple of the sector size, or larger than the disk.
+    /// The block size is zero, not a multiple of the sector size, or too large.
     #[error(
-        "block size {block_bytes} must be a non-zero multiple of the {sector_size}-byte sector size"
+        "block size {block_size} must be a non-zero multiple of the {sector_size}-byte sector size, at most 64 MiB"
     )]
     BlockSize {
         /// Requested block size.
-        block_bytes: u64,
+        block_size: u64,
         /// The disk's sector size.
         sector_size: u32,
     },
     /// The disk has too few blocks to keep every request on a block of its own.
-    #[error("the disk has {blocks} blocks, too few for queue depth {queue_depth}")]
+    #[error("the disk has {blocks} blocks of this size, too few for queue depth {queue_depth}")]
     TooSmall {
         /// Blocks on the disk.
         blocks: u64,
         /// Requested queue depth.
         queue_depth: usize,
     },
-    /// The queue depth is zero.
-    #[error("queue depth must be at least 1")]
+    /// The queue depth is zero or absurd.
+    #[error("queue depth must be between 1 and 4096")]
     QueueDepth,
+    /// Neither a positive runtime nor a positive size.
+    #[error("the runtime must be positive and finite and the size at least one block")]
+    StopCondition,
     /// Writes were asked of a read-only disk.
-    #[error("the disk is read-only; use --read-pct 100")]
+    #[error("the disk is read-only; use a read pattern")]
     ReadOnly,
     /// A request failed.
     #[error("{op} of block {block} failed")]
@@ -67,107 +112,217 @@ pub enum WorkloadError {
         #[source]
         source: DiskError,
     },
-    /// A read returned data other than the last acknowledged write.
-    #[error(
-        "data mismatch: block {block} (byte offset {byte_offset}) does not hold write generation {generation}"
-    )]
+    /// A read returned data that is not what was written.
+    #[error("data mismatch: block {block} (byte offset {byte_offset}): {reason}")]
     Mismatch {
         /// The block.
         block: u64,
         /// Byte offset of the block on the disk.
         byte_offset: u64,
-        /// The generation of the last acknowledged write.
-        generation: u64,
+        /// What is wrong.
+        reason: String,
     },
 }
 
 /// What a run measured.
+#[derive(Debug, Serialize)]
 pub struct Report {
-    reads: u64,
-    writes: u64,
-    verified: u64,
-    block_bytes: u64,
-    elapsed: Duration,
-    /// Sorted request latencies.
-    latencies: Vec<Duration>,
+    /// Wall time of the run.
+    pub elapsed_seconds: f64,
+    /// Reads completed.
+    pub reads: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Requests per second.
+    pub iops: f64,
+    /// Bytes per second, reads and writes.
+    pub bandwidth_bytes_per_second: f64,
+    /// Request latency.
+    pub latency_us: Latency,
+    /// Reads whose contents were checked.
+    pub verified_reads: u64,
+    /// Reads of blocks never written with verification (nothing to check).
+    pub unverified_reads: u64,
 }
 
-impl Report {
-    fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
+/// Latency statistics in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let at = |p: f64| {
+            samples
+                .get(((samples.len().saturating_sub(1)) as f64 * p).round() as usize)
+                .map_or(0.0, |d| us(*d))
+        };
+        let mean = if samples.is_empty() {
+            0.0
+        } else {
+            samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64
+        };
+        Self {
+            mean,
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
         }
-        let index = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        self.latencies[index]
     }
 }
 
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let seconds = self.elapsed.as_secs_f64();
-        let ops = self.reads + self.writes;
-        let mib = |n: u64| (n * self.block_bytes) as f64 / seconds / (1 << 20) as f64;
-        let mean = self
-            .latencies
-            .iter()
-            .sum::<Duration>()
-            .checked_div(self.latencies.len().max(1) as u32)
-            .unwrap_or_default();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = self.elapsed_seconds.max(f64::MIN_POSITIVE);
+        let mib = |bytes: u64| bytes as f64 / seconds / (1 << 20) as f64;
+        writeln!(f, "          {:>12} {:>12} {:>12}", "ops", "IOPS", "MiB/s")?;
         writeln!(
             f,
-            "reads:   {:>10} ops {:>12.0} IOPS {:>10.1} MiB/s",
+            "read      {:>12} {:>12.0} {:>12.1}",
             self.reads,
             self.reads as f64 / seconds,
-            mib(self.reads)
+            mib(self.read_bytes)
         )?;
         writeln!(
             f,
-            "writes:  {:>10} ops {:>12.0} IOPS {:>10.1} MiB/s",
+            "write     {:>12} {:>12.0} {:>12.1}",
             self.writes,
             self.writes as f64 / seconds,
-            mib(self.writes)
+            mib(self.write_bytes)
         )?;
         writeln!(
             f,
-            "total:   {:>10} ops {:>12.0} IOPS {:>10.1} MiB/s",
-            ops,
-            ops as f64 / seconds,
-            mib(ops)
+            "total     {:>12} {:>12.0} {:>12.1}",
+            self.reads + self.writes,
+            self.iops,
+            mib(self.read_bytes + self.write_bytes)
         )?;
         writeln!(
             f,
-            "latency: mean {:.1} us, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
-            us(mean),
-            us(self.percentile(0.50)),
-            us(self.percentile(0.99)),
-            us(self.percentile(0.999))
+            "latency   mean {:.1} us, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            self.latency_us.mean, self.latency_us.p50, self.latency_us.p99, self.latency_us.p999
         )?;
         write!(
             f,
-            "verified {} reads of written blocks: no mismatches",
-            self.verified
+            "verified  {} reads checked, {} of never-written blocks",
+            self.verified_reads, self.unverified_reads
         )
     }
 }
 
-/// Fills `buf` with the pattern of `generation` of `block`.
+const MAGIC: u64 = u64::from_le_bytes(*b"DISKCTL1");
+const HEADER: usize = 32;
+
+/// Fills `buf` with generation `generation` of `block`, headed by magic, block, generation
+/// and a CRC-32 of everything after the CRC.
 fn stamp(buf: &mut [u8], block: u64, generation: u64) {
-    let seed = (block << 24) ^ generation;
-    for (i, word) in buf.chunks_exact_mut(8).enumerate() {
-        let value = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        word.copy_from_slice(&value.to_le_bytes());
+    let seed = block.rotate_left(32) ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for (i, word) in buf[HEADER..].chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(
+            &(seed ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)).to_le_bytes(),
+        );
     }
+    buf[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[8..16].copy_from_slice(&block.to_le_bytes());
+    buf[16..24].copy_from_slice(&generation.to_le_bytes());
+    buf[28..32].fill(0);
+    let crc = crc32fast::hash(&buf[28..]);
+    buf[24..28].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a block read back. `expected` is the generation this run last wrote (0 if none).
+/// Returns whether the block carried a header.
+fn check(buf: &[u8], block: u64, expected: u64) -> Result<bool, String> {
+    let word = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+    if word(0) != MAGIC {
+        return if expected != 0 {
+            Err(format!(
+                "generation {expected} was written but the block has no header"
+            ))
+        } else {
+            Ok(false)
+        };
+    }
+    if word(8) != block {
+        return Err(format!("holds block {} (a misdirected write)", word(8)));
+    }
+    let crc = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
+    if crc32fast::hash(&buf[28..]) != crc {
+        return Err("checksum mismatch: the block is corrupt".into());
+    }
+    if expected != 0 && word(16) != expected {
+        return Err(format!(
+            "holds generation {} instead of {expected}",
+            word(16)
+        ));
+    }
+    Ok(true)
+}
+
+/// Counters a progress display can read while the workload runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Requests completed.
+    pub ops: AtomicU64,
+    /// Bytes transferred.
+    pub bytes: AtomicU64,
 }
 
 struct Shared<'a> {
     disk: &'a Disk,
     config: &'a Config,
     blocks: u64,
-    deadline: Instant,
-    /// Generation of the last acknowledged write per block; 0 = not written by this run.
+    start: Instant,
+    deadline: Option<Instant>,
+    /// Bytes left to issue when the run is bounded by size.
+    budget: Option<AtomicU64>,
+    next_sequential: AtomicU64,
     generations: Vec<AtomicU64>,
     busy: Vec<AtomicBool>,
+    progress: &'a Progress,
+    failed: AtomicBool,
+}
+
+impl Shared<'_> {
+    /// Claims the next block, or `None` when the run is over.
+    fn claim(&self, rng: &mut StdRng) -> Option<u64> {
+        if self.failed.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            return None;
+        }
+        if let Some(budget) = &self.budget {
+            let bs = self.config.block_size;
+            budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(bs)
+                })
+                .ok()?;
+        }
+        loop {
+            let block = if self.config.rw.is_random() {
+                rng.random_range(0..self.blocks)
+            } else {
+                self.next_sequential.fetch_add(1, Ordering::Relaxed) % self.blocks
+            };
+            if !self.busy[block as usize].swap(true, Ordering::Acquire) {
+                return Some(block);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -175,85 +330,120 @@ struct WorkerStats {
     reads: u64,
     writes: u64,
     verified: u64,
+    unverified: u64,
     latencies: Vec<Duration>,
 }
 
-/// Runs the workload.
-pub fn run(disk: &Disk, config: &Config) -> Result<Report, WorkloadError> {
+/// Runs the workload, updating `progress` as requests complete.
+pub fn run(disk: &Disk, config: &Config, progress: &Progress) -> Result<Report, WorkloadError> {
     let sector_size = disk.sector_size();
-    if config.block_bytes == 0 || !config.block_bytes.is_multiple_of(sector_size as u64) {
+    let block_size = config.block_size;
+    if block_size == 0 || !block_size.is_multiple_of(sector_size as u64) || block_size > 64 << 20 {
         return Err(WorkloadError::BlockSize {
-            block_bytes: config.block_bytes,
+            block_size,
             sector_size,
         });
     }
-    if config.queue_depth == 0 {
+    if config.queue_depth == 0 || config.queue_depth > 4096 {
         return Err(WorkloadError::QueueDepth);
     }
-    if disk.is_read_only() && config.read_percent < 100 {
+    let read_percent = config.rw.read_percent(config.read_percent);
+    if disk.is_read_only() && read_percent < 100 {
         return Err(WorkloadError::ReadOnly);
     }
-    let blocks = disk.sector_count() * sector_size as u64 / config.block_bytes;
+    let blocks = disk.sector_count().saturating_mul(sector_size as u64) / block_size;
     if blocks < 2 * config.queue_depth as u64 {
         return Err(WorkloadError::TooSmall {
             blocks,
             queue_depth: config.queue_depth,
         });
     }
+    let runtime = match (config.runtime_seconds, config.size_bytes) {
+        (None, None) => Some(Duration::from_secs(3)),
+        (Some(seconds), _) => Some(
+            Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or(WorkloadError::StopCondition)?,
+        ),
+        (None, Some(_)) => None,
+    };
+    if config.size_bytes.is_some_and(|size| size < block_size) {
+        return Err(WorkloadError::StopCondition);
+    }
+    let start = Instant::now();
     let shared = Shared {
         disk,
         config,
         blocks,
-        deadline: Instant::now() + config.duration,
+        start,
+        deadline: runtime.map(|r| start + r),
+        budget: config.size_bytes.map(AtomicU64::new),
+        next_sequential: AtomicU64::new(0),
         generations: (0..blocks).map(|_| AtomicU64::new(0)).collect(),
         busy: (0..blocks).map(|_| AtomicBool::new(false)).collect(),
+        progress,
+        failed: AtomicBool::new(false),
     };
-    let start = Instant::now();
     let results = futures::executor::block_on(join_all(
-        (0..config.queue_depth).map(|worker| run_worker(&shared, worker as u64)),
+        (0..config.queue_depth).map(|worker| run_worker(&shared, worker as u64, read_percent)),
     ));
-    let elapsed = start.elapsed();
-    let mut report = Report {
-        reads: 0,
-        writes: 0,
-        verified: 0,
-        block_bytes: config.block_bytes,
-        elapsed,
-        latencies: Vec::new(),
-    };
+    let elapsed = shared.start.elapsed();
+    let mut stats = WorkerStats::default();
     for result in results {
-        let stats = result?;
-        report.reads += stats.reads;
-        report.writes += stats.writes;
-        report.verified += stats.verified;
-        report.latencies.extend(stats.latencies);
+        let worker = result?;
+        stats.reads += worker.reads;
+        stats.writes += worker.writes;
+        stats.verified += worker.verified;
+        stats.unverified += worker.unverified;
+        stats.latencies.extend(worker.latencies);
     }
-    report.latencies.sort_unstable();
-    Ok(report)
+    let seconds = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    let ops = stats.reads + stats.writes;
+    Ok(Report {
+        elapsed_seconds: elapsed.as_secs_f64(),
+        reads: stats.reads,
+        writes: stats.writes,
+        read_bytes: stats.reads * block_size,
+        write_bytes: stats.writes * block_size,
+        iops: ops as f64 / seconds,
+        bandwidth_bytes_per_second: (ops * block_size) as f64 / seconds,
+        latency_us: Latency::of(stats.latencies),
+        verified_reads: stats.verified,
+        unverified_reads: stats.unverified,
+    })
 }
 
-async fn run_worker(shared: &Shared<'_>, worker: u64) -> Result<WorkerStats, WorkloadError> {
+async fn run_worker(
+    shared: &Shared<'_>,
+    worker: u64,
+    read_percent: u8,
+) -> Result<WorkerStats, WorkloadError> {
+    let result = worker_loop(shared, worker, read_percent).await;
+    if result.is_err() {
+        // Stop the other workers: the first failure is the answer.
+        shared.failed.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn worker_loop(
+    shared: &Shared<'_>,
+    worker: u64,
+    read_percent: u8,
+) -> Result<WorkerStats, WorkloadError> {
     let config = shared.config;
-    let block_bytes = config.block_bytes as usize;
-    let sectors_per_block = config.block_bytes / shared.disk.sector_size() as u64;
+    let block_bytes = config.block_size as usize;
+    let sectors_per_block = config.block_size / shared.disk.sector_size() as u64;
     let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(worker));
     let buffers = OwnedRequestBuffers::new(block_bytes);
     let mut host = vec![0u8; block_bytes];
-    let mut expected = vec![0u8; block_bytes];
     let mut stats = WorkerStats::default();
-    while Instant::now() < shared.deadline {
-        // Claim a block no other request is using.
-        let block = loop {
-            let block = rng.random_range(0..shared.blocks);
-            if !shared.busy[block as usize].swap(true, Ordering::Acquire) {
-                break block;
-            }
-        };
+    while let Some(block) = shared.claim(&mut rng) {
         let sector = block * sectors_per_block;
         let generation = shared.generations[block as usize].load(Ordering::Relaxed);
-        let is_read = rng.random_range(0..100u8) < config.read_percent;
         let started = Instant::now();
-        if is_read {
+        if rng.random_range(0..100u8) < read_percent {
             shared
                 .disk
                 .read_vectored(&buffers.buffers(true), sector)
@@ -265,26 +455,30 @@ async fn run_worker(shared: &Shared<'_>, worker: u64) -> Result<WorkerStats, Wor
                 })?;
             stats.latencies.push(started.elapsed());
             stats.reads += 1;
-            if generation != 0 {
+            if config.verify {
                 buffers
                     .buffers(false)
                     .reader()
                     .read(&mut host)
                     .expect("owned buffers are accessible");
-                stamp(&mut expected, block, generation);
-                if host != expected {
-                    return Err(WorkloadError::Mismatch {
-                        block,
-                        byte_offset: block * config.block_bytes,
-                        generation,
-                    });
+                match check(&host, block, generation) {
+                    Ok(true) => stats.verified += 1,
+                    Ok(false) => stats.unverified += 1,
+                    Err(reason) => {
+                        return Err(WorkloadError::Mismatch {
+                            block,
+                            byte_offset: block * config.block_size,
+                            reason,
+                        });
+                    }
                 }
-                stats.verified += 1;
             }
         } else {
             let generation = generation + 1;
-            stamp(&mut host, block, generation);
-            buffers.copy_from_slice(&host);
+            if config.verify {
+                stamp(&mut host, block, generation);
+                buffers.copy_from_slice(&host);
+            }
             shared
                 .disk
                 .write_vectored(&buffers.buffers(false), sector, false)
@@ -299,6 +493,11 @@ async fn run_worker(shared: &Shared<'_>, worker: u64) -> Result<WorkerStats, Wor
             shared.generations[block as usize].store(generation, Ordering::Relaxed);
         }
         shared.busy[block as usize].store(false, Ordering::Release);
+        shared.progress.ops.fetch_add(1, Ordering::Relaxed);
+        shared
+            .progress
+            .bytes
+            .fetch_add(config.block_size, Ordering::Relaxed);
     }
     Ok(stats)
 }
@@ -308,52 +507,105 @@ mod tests {
     use super::*;
     use disk_ram::RamDisk;
 
-    fn config(read_percent: u8) -> Config {
+    fn config(rw: Pattern) -> Config {
         Config {
-            block_bytes: 4096,
+            rw,
+            block_size: 4096,
             queue_depth: 8,
-            duration: Duration::from_millis(200),
-            read_percent,
+            read_percent: 50,
+            runtime_seconds: Some(0.2),
+            size_bytes: None,
+            verify: true,
             seed: 7,
         }
     }
 
+    fn ram(sectors: u64) -> Disk {
+        Disk::new(RamDisk::new(sectors, 512).unwrap()).unwrap()
+    }
+
     #[test]
-    fn runs_and_verifies_on_ram() {
-        let disk = Disk::new(RamDisk::new(1024, 512).unwrap()).unwrap();
-        let report = run(&disk, &config(50)).unwrap();
+    fn mixed_random_verifies() {
+        let report = run(&ram(1024), &config(Pattern::Randrw), &Progress::default()).unwrap();
         assert!(report.reads > 0 && report.writes > 0);
-        assert!(report.verified > 0, "some reads hit written blocks");
-        assert_eq!(report.latencies.len() as u64, report.reads + report.writes);
+        assert!(report.verified_reads > 0, "some reads hit written blocks");
+    }
+
+    #[test]
+    fn sequential_fill_then_read_checks_every_block() {
+        let disk = ram(1024);
+        let whole = 1024 * 512;
+        let fill = Config {
+            runtime_seconds: None,
+            size_bytes: Some(whole),
+            ..config(Pattern::Write)
+        };
+        let report = run(&disk, &fill, &Progress::default()).unwrap();
+        assert_eq!(report.writes, 128);
+        let read = Config {
+            runtime_seconds: None,
+            size_bytes: Some(whole),
+            ..config(Pattern::Read)
+        };
+        let report = run(&disk, &read, &Progress::default()).unwrap();
+        assert_eq!((report.reads, report.verified_reads), (128, 128));
+    }
+
+    #[test]
+    fn corruption_is_caught() {
+        let mut block = vec![0u8; 4096];
+        stamp(&mut block, 9, 3);
+        assert_eq!(check(&block, 9, 3), Ok(true));
+        assert_eq!(check(&block, 9, 0), Ok(true));
+        assert!(check(&block, 9, 4).unwrap_err().contains("generation"));
+        assert!(check(&block, 8, 0).unwrap_err().contains("misdirected"));
+        block[1000] ^= 1;
+        assert!(check(&block, 9, 0).unwrap_err().contains("checksum"));
+        assert_eq!(check(&[0u8; 4096], 9, 0), Ok(false));
+        assert!(check(&[0u8; 4096], 9, 1).unwrap_err().contains("no header"));
     }
 
     #[test]
     fn rejects_bad_configurations() {
-        let disk = Disk::new(RamDisk::new(64, 512).unwrap()).unwrap();
-        let mut bad = config(50);
-        bad.block_bytes = 1000;
+        let disk = ram(64);
+        let mut bad = config(Pattern::Randrw);
+        bad.block_size = 1000;
         assert!(matches!(
-            run(&disk, &bad),
+            run(&disk, &bad, &Progress::default()),
             Err(WorkloadError::BlockSize { .. })
         ));
-        bad.block_bytes = 0;
+        bad.block_size = 0;
         assert!(matches!(
-            run(&disk, &bad),
+            run(&disk, &bad, &Progress::default()),
             Err(WorkloadError::BlockSize { .. })
         ));
-        let mut deep = config(50);
+        let mut deep = config(Pattern::Randrw);
         deep.queue_depth = 64;
         assert!(matches!(
-            run(&disk, &deep),
+            run(&disk, &deep, &Progress::default()),
             Err(WorkloadError::TooSmall { .. })
         ));
         deep.queue_depth = 0;
-        assert!(matches!(run(&disk, &deep), Err(WorkloadError::QueueDepth)));
+        assert!(matches!(
+            run(&disk, &deep, &Progress::default()),
+            Err(WorkloadError::QueueDepth)
+        ));
+        let mut stop = config(Pattern::Randrw);
+        stop.runtime_seconds = Some(-1.0);
+        assert!(matches!(
+            run(&ram(1024), &stop, &Progress::default()),
+            Err(WorkloadError::StopCondition)
+        ));
+        stop.runtime_seconds = Some(f64::NAN);
+        assert!(matches!(
+            run(&ram(1024), &stop, &Progress::default()),
+            Err(WorkloadError::StopCondition)
+        ));
         let ro = Disk::new(RamDisk::new(1024, 512).unwrap().with_read_only(true)).unwrap();
         assert!(matches!(
-            run(&ro, &config(50)),
+            run(&ro, &config(Pattern::Randrw), &Progress::default()),
             Err(WorkloadError::ReadOnly)
         ));
-        assert!(run(&ro, &config(100)).is_ok());
+        assert!(run(&ro, &config(Pattern::Randread), &Progress::default()).is_ok());
     }
 }

@@ -1,65 +1,250 @@
-//! `diskctl` as a process: the default main job, and errors as one line with a non-zero exit.
+//! `diskctl` as a process: the default main job, specs, JSON output, verification catching
+//! corruption in the backing file, and bad input as one line with a non-zero exit.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-fn diskctl() -> Command {
+fn diskctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_diskctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(args: &[&str]) -> String {
+    let output = diskctl(args);
+    assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    stdout(&output)
+}
+
+/// Asserts `args` fail with one line that contains `fragment`, and no panic.
+#[track_caller]
+fn fails(args: &[&str], fragment: &str) {
+    let output = diskctl(args);
+    let err = stderr(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{args:?} exit code; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?}: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: one line expected: {err}"
+    );
+    assert!(
+        err.contains(fragment),
+        "{args:?}: expected `{fragment}` in: {err}"
+    );
+}
+
+fn image(len: u64) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(len).unwrap();
+    file
 }
 
 #[test]
 fn bench_default_runs_and_reports() {
-    let output = diskctl()
-        .args(["bench", "--seconds", "0.5", "--size", "16M"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let out = ok(&["bench", "--runtime", "0.5"]);
     assert!(
-        output.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
+        out.contains("IOPS") && out.contains("MiB/s") && out.contains("reads checked"),
+        "{out}"
     );
-    assert!(stdout.contains("IOPS"), "{stdout}");
-    assert!(stdout.contains("MiB/s"), "{stdout}");
-    assert!(stdout.contains("no mismatches"), "{stdout}");
 }
 
 #[test]
-fn bench_on_ram() {
-    let output = diskctl()
-        .args([
-            "bench",
-            "--backend",
-            "ram",
-            "--seconds",
-            "0.2",
-            "--bs",
-            "64k",
-            "--qd",
-            "4",
-        ])
-        .output()
+fn bench_json_schema() {
+    let out = ok(&[
+        "bench",
+        "ram(size=16M)",
+        "--runtime",
+        "0.2",
+        "--bs",
+        "64k",
+        "--qd",
+        "4",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["disk", "workload", "result"] {
+        assert!(json.get(key).is_some(), "missing {key}: {out}");
+    }
+    let result = &json["result"];
+    for key in [
+        "elapsed_seconds",
+        "reads",
+        "writes",
+        "read_bytes",
+        "write_bytes",
+        "iops",
+        "bandwidth_bytes_per_second",
+        "verified_reads",
+        "unverified_reads",
+    ] {
+        assert!(result[key].is_number(), "result.{key}: {out}");
+    }
+    for key in ["mean", "p50", "p99", "p999"] {
+        assert!(
+            result["latency_us"][key].is_number(),
+            "latency_us.{key}: {out}"
+        );
+    }
+    assert_eq!(json["workload"]["rw"], "randrw");
+    assert_eq!(json["workload"]["block_size"], 65536);
+    assert_eq!(json["disk"]["sector_count"], 32768);
+    assert_eq!(json["disk"]["spec"], "ram(size=16M)");
+}
+
+#[test]
+fn verify_catches_corruption_in_the_backing_file() {
+    use std::os::unix::fs::FileExt;
+    let file = image(4 << 20);
+    let spec = format!("file({})", file.path().display());
+    let size = (4u64 << 20).to_string();
+    // Fill every block, then read everything back: all verified.
+    ok(&[
+        "bench", &spec, "--rw", "write", "--size", &size, "--qd", "4",
+    ]);
+    let out = ok(&[
+        "bench", &spec, "--rw", "read", "--size", &size, "--qd", "4", "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["result"]["verified_reads"], 1024, "{out}");
+    // Flip one byte in the middle of block 700 behind the disk's back.
+    let offset = 700 * 4096 + 2000;
+    let mut byte = [0u8];
+    file.as_file().read_exact_at(&mut byte, offset).unwrap();
+    file.as_file()
+        .write_all_at(&[byte[0] ^ 0x40], offset)
         .unwrap();
-    assert!(
-        output.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
+    fails(
+        &["bench", &spec, "--rw", "read", "--size", &size, "--qd", "4"],
+        "data mismatch: block 700 (byte offset 2867200): checksum mismatch",
     );
+}
+
+#[test]
+fn info_reports_geometry_and_tree() {
+    let base = image(8 << 20);
+    let spec = format!(
+        "layered(layer(ram, read_cache, write_through), file({}))",
+        base.path().display()
+    );
+    let out = ok(&["info", &spec]);
+    assert!(out.contains("16384 sectors of 512 bytes"), "{out}");
+    assert!(out.contains("layer ram read_cache write_through"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "info",
+        "prwrap(ram(size=1M, sector_size=4096))",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["sector_size"], 4096);
+    assert_eq!(json["sector_count"], 256);
+    assert_eq!(json["persistent_reservations"], true);
+    assert_eq!(json["unmap_behavior"], "zeroes");
+    let ro = ok(&["info", &format!("file({}, ro)", base.path().display())]);
+    assert!(ro.contains("read-only:            yes"), "{ro}");
+    assert!(ok(&["kinds"]).contains("layered"));
 }
 
 #[test]
 fn bad_input_is_one_line_and_fails() {
+    fails(
+        &["info", "floppy(a.img)"],
+        "floppy: unknown disk kind `floppy` (known: file, layered, prwrap, ram)",
+    );
+    fails(
+        &["info", "layered(ram, file:x"],
+        "malformed disk spec at column 20",
+    );
+    fails(
+        &["info", "file:/nonexistent/disk.img"],
+        "file: cannot open the file: cannot open /nonexistent/disk.img",
+    );
+    fails(
+        &["info", "layered(ram, file:/nonexistent)"],
+        "layered/file[2]: cannot open the file",
+    );
+    fails(&["info", "file(/sys/kernel/notes)"], "Permission denied");
+    fails(
+        &["info", "ram(size=1000)"],
+        "ram: size 1000 is not a positive multiple of the 512-byte sector size",
+    );
+    fails(
+        &["info", "ram(sector_size=1000)"],
+        "invalid sector size 1000",
+    );
+    fails(
+        &["info", "ram(size=12q)"],
+        "`size`: unknown size suffix `q`",
+    );
+    fails(
+        &["info", "ram(colour=red)"],
+        "ram: unknown argument `colour`",
+    );
+    fails(
+        &["info", "layered()"],
+        "layered: invalid layer stack: a layered disk needs at least one layer",
+    );
+    fails(
+        &["info", "layered(ram)"],
+        "layered: invalid layer stack: layer 0 could not be attached: a RAM layer without a size",
+    );
+    fails(
+        &[
+            "info",
+            "layered(ram(size=1M), ram(size=1M, sector_size=4096))",
+        ],
+        "sectors but the top layer has 512",
+    );
+    fails(
+        &["info", "prwrap(ram, ram)"],
+        "prwrap: takes exactly one disk, not 2",
+    );
+    fails(
+        &["bench", "ram(size=1M)", "--bs", "1000"],
+        "block size 1000",
+    );
+    fails(
+        &["bench", "ram(size=64k)", "--qd", "64"],
+        "too few for queue depth 64",
+    );
+    fails(
+        &[
+            "bench",
+            "layered(ram(size=1M), ram(size=1M), ro)",
+            "--rw",
+            "write",
+        ],
+        "read-only",
+    );
+    fails(&["bench", "--runtime=-1"], "runtime must be positive");
+    fails(&["bench", "--runtime=0"], "runtime must be positive");
     for args in [
-        &["bench", "--file", "/nonexistent/disk.img"][..],
-        &["bench", "--bs", "1000"],
-        &["bench", "--sector-size", "1000", "--backend", "ram"],
-        &["bench", "--size", "12q"],
+        &["bench", "--size", "12q"][..],
         &["bench", "--read-pct", "101"],
-        &["bench", "--seconds", "-1"],
+        &["bench", "--rw", "sideways"],
     ] {
-        let output = diskctl().args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        assert!(!stderr.trim().is_empty(), "{args:?}: no message");
+        let output = diskctl(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: clap usage errors exit with 2"
+        );
+        assert!(!stderr(&output).contains("panicked"));
     }
 }
