@@ -88,12 +88,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info { spec, json } => info(spec.as_deref(), json),
         Command::Bench(args) => bench(&args),
-        Command::Kinds => {
-            for (kind, usage) in stack::resolver().kinds() {
-                println!("{kind:<10} {usage}");
-            }
-            Ok(())
-        }
+        Command::Kinds => stack::resolver()
+            .kinds()
+            .try_for_each(|(kind, usage)| emit(format!("{kind:<10} {usage}"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -101,6 +98,18 @@ fn main() -> ExitCode {
             eprintln!("diskctl: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes a line to standard output. A reader that went away (`diskctl ... | head`) ends the
+/// output quietly instead of panicking as `println!` would.
+fn emit(text: impl std::fmt::Display) -> Result<(), String> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write the output: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -112,11 +121,10 @@ fn info(spec: Option<&str>, json: bool) -> Result<(), String> {
     let stack = stack::open(spec)?;
     let info = info::Info::new(&stack.disk, &stack.spec);
     if json {
-        println!("{}", to_json(&info)?);
+        emit(to_json(&info)?)
     } else {
-        println!("{info}");
+        emit(&info)
     }
-    Ok(())
 }
 
 /// What `diskctl bench --json` prints.
@@ -141,8 +149,8 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     };
     let info = info::Info::new(&stack.disk, &stack.spec);
     if !args.json {
-        println!(
-            "disk: {} ({} sectors of {} bytes)\nworkload: {:?}, {} B blocks, qd {}, {}",
+        emit(format_args!(
+            "disk: {} ({} sectors of {} bytes)\nworkload: {}, {} B blocks, qd {}, {}",
             info.spec,
             info.sector_count,
             info.sector_size,
@@ -154,7 +162,7 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
             } else {
                 "not verified"
             }
-        );
+        ))?;
     }
     let progress = Progress::default();
     let show_progress = !args.json && std::io::stderr().is_terminal();
@@ -197,16 +205,12 @@ fn bench(args: &BenchArgs) -> Result<(), String> {
     })
     .map_err(|e| stack::error_chain(&e))?;
     if args.json {
-        println!(
-            "{}",
-            to_json(&BenchOutput {
-                disk: &info,
-                workload: &config,
-                result: &report,
-            })?
-        );
+        emit(to_json(&BenchOutput {
+            disk: &info,
+            workload: &config,
+            result: &report,
+        })?)
     } else {
-        println!("{report}");
+        emit(&report)
     }
-    Ok(())
 }

@@ -248,3 +248,26 @@ fn bad_input_is_one_line_and_fails() {
         assert!(!stderr(&output).contains("panicked"));
     }
 }
+
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    use std::process::Stdio;
+    for args in [
+        &["kinds"][..],
+        &["info", "ram", "--json"],
+        &["bench", "ram(size=8M)", "--runtime", "0.1"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_diskctl"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before diskctl writes anything.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let err = stderr(&output);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(output.status.success(), "{args:?}: {err}");
+    }
+}
