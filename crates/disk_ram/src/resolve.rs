@@ -118,7 +118,7 @@ mod tests {
             ("ram(size=0)", "ram: size 0 is not a positive multiple"),
             ("ram(size=1M, sector_size=256)", "ram: invalid RAM disk"),
             ("ram(size=8E)", "unknown size suffix"),
-            ("ram(size=16000T)", "ram: invalid RAM disk"),
+            ("ram(size=9000000T)", "ram: invalid RAM disk"),
             (
                 "layered(ram(size=1M, colour=red), ram)",
                 "layered/ram[1]: unknown argument `colour`",
