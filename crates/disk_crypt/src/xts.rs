@@ -3,17 +3,20 @@
 
 use crate::error::{InvalidDataUnit, InvalidKey};
 use aes::Aes256;
-use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit, generic_array::GenericArray};
+use aes::cipher::consts::U16;
+use aes::cipher::{
+    BlockBackend, BlockClosure, BlockDecrypt, BlockEncrypt, BlockSizeUser, KeyInit, ParBlocks,
+    Unsigned, generic_array::GenericArray,
+};
 use xts_mode::Xts128;
 use zeroize::ZeroizeOnDrop;
 
 /// The AES block size in bytes.
 const BLOCK: usize = 16;
 
-/// Blocks handed to the AES backend per call: a multiple of its parallel batch (8 blocks
-/// with AES-NI), enough to amortise its run-time feature dispatch, small enough (1 KiB of
-/// blocks and tweaks) to stay in L1.
-const BATCH_BLOCKS: usize = 32;
+/// The widest parallel batch [`XtsPass`] keeps tweaks for (AES-NI's is 8 blocks); a wider
+/// backend goes block by block.
+const MAX_PAR_BLOCKS: usize = 16;
 
 /// The XTS-AES-256 cipher of a [`CryptDisk`](crate::CryptDisk): a 64-byte key whose first
 /// half encrypts the data and whose second half encrypts the tweak.
@@ -24,10 +27,12 @@ const BATCH_BLOCKS: usize = 32;
 /// is no ciphertext stealing.
 ///
 /// [`encrypt_sector`](Self::encrypt_sector) and [`decrypt_sector`](Self::decrypt_sector)
-/// are the fast path: the tweaks of a batch of blocks are computed first, then the batch
-/// goes through AES in one call (AES-NI, 8 blocks in parallel, detected at run time). The
-/// `_reference` methods run the same transform through the `xts-mode` crate, one block at
-/// a time, as the reference the fast path is tested against.
+/// are the fast path: the `aes` crate picks its backend (AES-NI, detected at run time, or
+/// software) once per data unit, and each group of blocks it processes in parallel (8 with
+/// AES-NI) is whitened with its tweaks, run through AES at once and whitened again, with the
+/// next group's tweaks computed while AES runs. The `_reference` methods run the same
+/// transform through the `xts-mode` crate, one block at a time, as the reference the fast
+/// path is tested against.
 ///
 /// The expanded keys are zeroed when the cipher is dropped (the `aes` crate's `zeroize`
 /// feature); the caller's key bytes are never copied.
@@ -109,30 +114,91 @@ impl XtsAes256 {
         check_data_unit(data)?;
         let mut first = GenericArray::from((sector as u128).to_le_bytes());
         self.tweak.encrypt_block(&mut first);
-        let mut tweak = u128::from_le_bytes(first.into());
+        let tweak = u128::from_le_bytes(first.into());
 
         let (blocks, _) = data.as_chunks_mut::<BLOCK>();
-        let mut batch = [GenericArray::default(); BATCH_BLOCKS];
-        let mut tweaks = [0u128; BATCH_BLOCKS];
-        for chunk in blocks.chunks_mut(BATCH_BLOCKS) {
-            // The batch's tweaks first, so that AES then runs over the whole batch at once.
-            for ((block, t), bytes) in batch.iter_mut().zip(&mut tweaks).zip(chunk.iter()) {
-                *t = tweak;
-                *block = GenericArray::from((u128::from_le_bytes(*bytes) ^ tweak).to_le_bytes());
-                tweak = mul_alpha(tweak);
-            }
-            let batch = &mut batch[..chunk.len()];
-            if encrypt {
-                self.data.encrypt_blocks(batch);
-            } else {
-                self.data.decrypt_blocks(batch);
-            }
-            for ((block, t), bytes) in batch.iter().zip(&tweaks).zip(chunk.iter_mut()) {
-                *bytes = (u128::from_le_bytes((*block).into()) ^ t).to_le_bytes();
-            }
+        let pass = XtsPass { tweak, blocks };
+        if encrypt {
+            self.data.encrypt_with_backend(pass);
+        } else {
+            self.data.decrypt_with_backend(pass);
         }
         Ok(())
     }
+}
+
+/// One XTS pass over a data unit, run inside the AES backend: the `aes` crate selects its
+/// backend (AES-NI or software) once per data unit and hands it to [`BlockClosure::call`],
+/// where each group of `ParBlocksSize` blocks (8 with AES-NI) is whitened with its tweaks,
+/// encrypted or decrypted in parallel, and whitened again, in a buffer that stays in L1.
+struct XtsPass<'a> {
+    tweak: u128,
+    blocks: &'a mut [[u8; BLOCK]],
+}
+
+impl BlockSizeUser for XtsPass<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockClosure for XtsPass<'_> {
+    fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
+        let par_width = B::ParBlocksSize::USIZE;
+        // A backend wider than the tweak buffers (none of the `aes` crate's is) gets no full
+        // group: every block then goes through the block-by-block tail below.
+        let width = if (1..=MAX_PAR_BLOCKS).contains(&par_width) {
+            par_width
+        } else {
+            usize::MAX
+        };
+        let mut tweak = self.tweak;
+        let full_groups = self.blocks.len() / width;
+        let mut groups = self.blocks.chunks_exact_mut(width);
+        if full_groups > 0 {
+            let mut par = ParBlocks::<B>::default();
+            // The tweaks of the current group and of the next one: the next group's are
+            // computed before this group's AES call, so the out-of-order core runs the
+            // serial multiply-by-alpha chain alongside AES, and they are stored a whole
+            // group before the 16-byte loads that read them.
+            let mut pair = [[[0u8; BLOCK]; MAX_PAR_BLOCKS]; 2];
+            for t in &mut pair[0][..width] {
+                *t = tweak.to_le_bytes();
+                tweak = mul_alpha(tweak);
+            }
+            for (i, group) in (&mut groups).enumerate() {
+                // Alternate the two tweak buffers instead of copying one into the other.
+                let [even, odd] = &mut pair;
+                let (current, next) = if i % 2 == 0 { (even, odd) } else { (odd, even) };
+                for t in &mut next[..width] {
+                    *t = tweak.to_le_bytes();
+                    tweak = mul_alpha(tweak);
+                }
+                for ((block, t), bytes) in par.iter_mut().zip(current.iter()).zip(group.iter()) {
+                    *block = GenericArray::from(xor(bytes, t));
+                }
+                backend.proc_par_blocks_inplace(&mut par);
+                for ((block, t), bytes) in par.iter().zip(current.iter()).zip(group.iter_mut()) {
+                    *bytes = xor(&(*block).into(), t);
+                }
+            }
+            // One group of tweaks was computed ahead and not used: back up to it.
+            tweak = u128::from_le_bytes(pair[full_groups % 2][0]);
+        }
+        for bytes in groups.into_remainder() {
+            let t = tweak.to_le_bytes();
+            let mut block = GenericArray::from(xor(bytes, &t));
+            backend.proc_block_inplace(&mut block);
+            *bytes = xor(&block.into(), &t);
+            tweak = mul_alpha(tweak);
+        }
+    }
+}
+
+/// `a ^ b` on whole 16-byte arrays, which compiles to single 16-byte vector loads, XORs and
+/// stores (an XOR of `u128`s becomes two 8-byte halves, whose stores a following 16-byte
+/// AES load cannot forward from).
+#[inline(always)]
+fn xor(a: &[u8; BLOCK], b: &[u8; BLOCK]) -> [u8; BLOCK] {
+    std::array::from_fn(|i| a[i] ^ b[i])
 }
 
 /// Multiplies a tweak by the primitive element alpha of GF(2^128) with the IEEE 1619 byte
