@@ -110,7 +110,11 @@ impl CryptDisk {
         mut sector: u64,
         encrypt: bool,
     ) -> Result<(), DiskError> {
-        // Whole sectors of scratch per step; `take_scratch` gives at least one.
+        if len == 0 {
+            return Ok(());
+        }
+        // Whole sectors of scratch per step; `take_scratch` gives at least one for a
+        // non-empty request.
         let step = scratch.len() - scratch.len() % self.sector_size;
         if step == 0 {
             return Err(DiskError::InvalidInput);
@@ -205,6 +209,9 @@ impl DiskIo for CryptDisk {
         sector: u64,
     ) -> Result<(), DiskError> {
         check_range(self, sector, buffers.len())?;
+        if buffers.is_empty() {
+            return Ok(());
+        }
         self.inner.read_vectored(buffers, sector).await?;
         // Decrypt in place. There is no harm in the guest transiently seeing the
         // ciphertext: it is what the disk holds.

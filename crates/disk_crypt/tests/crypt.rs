@@ -313,6 +313,20 @@ fn bad_keys_are_rejected() {
     assert!(message.starts_with(char::is_lowercase) && !message.ends_with('.'));
 }
 
+/// Empty requests on a fresh bare disk (nothing pooled yet) succeed and touch nothing.
+#[test]
+fn empty_requests_on_a_fresh_disk() {
+    let inner = Disk::new(RamDisk::new(8, 512).unwrap()).unwrap();
+    let disk = CryptDisk::new(inner, &key()).unwrap();
+    let empty = OwnedRequestBuffers::new(0);
+    block_on(disk.read_vectored(&empty.buffers(true), 8)).unwrap();
+    block_on(disk.write_vectored(&empty.buffers(false), 8, true)).unwrap();
+    assert!(matches!(
+        block_on(disk.read_vectored(&empty.buffers(true), 9)),
+        Err(DiskError::IllegalBlock)
+    ));
+}
+
 /// A write neither modifies the guest's buffer nor leaves plaintext on the inner disk; a
 /// failed guest-memory read writes nothing.
 #[test]
