@@ -47,8 +47,10 @@
 
 mod disk;
 mod error;
+mod resolve;
 mod xts;
 
 pub use disk::CryptDisk;
 pub use error::{InvalidDataUnit, InvalidKey};
+pub use resolve::CryptResolver;
 pub use xts::XtsAes256;

@@ -38,6 +38,10 @@
 
 #![forbid(unsafe_code)]
 
+mod resolve;
+
+pub use resolve::DelayResolver;
+
 use disk_backend::pr::PersistentReservation;
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 use request_buffers::RequestBuffers;

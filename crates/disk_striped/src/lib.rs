@@ -45,6 +45,8 @@
 mod disk;
 mod error;
 mod layout;
+mod resolve;
 
 pub use disk::{DEFAULT_CHUNK_SIZE_BYTES, StripedDisk};
 pub use error::{MemberError, NewStripedDiskError, failed_member};
+pub use resolve::StripedResolver;

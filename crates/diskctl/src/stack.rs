@@ -2,10 +2,13 @@
 
 use disk_backend::Disk;
 use disk_backend::resolve::{DiskSpec, Resolver};
+use disk_crypt::CryptResolver;
+use disk_delay::DelayResolver;
 use disk_file::FileResolver;
 use disk_layered::LayeredResolver;
 use disk_prwrap::PrWrapResolver;
 use disk_ram::RamResolver;
+use disk_striped::StripedResolver;
 
 /// Size of the temporary file behind the built-in default disk.
 pub const DEFAULT_FILE_BYTES: u64 = 256 << 20;
@@ -17,7 +20,10 @@ pub fn resolver() -> Resolver {
         .register(FileResolver)
         .register(RamResolver)
         .register(LayeredResolver::new().with_layer(RamResolver))
-        .register(PrWrapResolver);
+        .register(PrWrapResolver)
+        .register(StripedResolver)
+        .register(CryptResolver)
+        .register(DelayResolver);
     resolver
 }
 

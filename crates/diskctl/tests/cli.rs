@@ -165,7 +165,7 @@ fn info_reports_geometry_and_tree() {
 fn bad_input_is_one_line_and_fails() {
     fails(
         &["info", "floppy(a.img)"],
-        "floppy: unknown disk kind `floppy` (known: file, layered, prwrap, ram)",
+        "floppy: unknown disk kind `floppy` (known: crypt, delay, file, layered, prwrap, ram, striped)",
     );
     fails(
         &["info", "layered(ram, file:x"],
@@ -270,4 +270,69 @@ fn a_closed_output_pipe_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(output.status.success(), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn crypt_over_striped_and_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("disk.key");
+    std::fs::write(&key, (0u8..64).collect::<Vec<u8>>()).unwrap();
+    let spec = format!(
+        "crypt(striped(ram(size=1M), ram(size=1M), chunk=64k), key=@{})",
+        key.display()
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&["info", &spec, "--json"])).unwrap();
+    assert_eq!(json["sector_count"], 4096);
+    assert_eq!(
+        json["unmap_behavior"], "unspecified",
+        "zeroes decrypt to noise"
+    );
+    ok(&["bench", &spec, "--runtime", "0.2", "--qd", "4"]);
+    ok(&[
+        "bench",
+        "delay(ram(size=1M), ms=1)",
+        "--runtime",
+        "0.1",
+        "--qd",
+        "2",
+    ]);
+
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, [1u8; 32]).unwrap();
+    fails(
+        &["info", &format!("crypt(ram, key=@{})", short.display())],
+        "holds 32 bytes; XTS-AES-256 needs exactly 64",
+    );
+    fails(
+        &["info", &format!("crypt(ram, key=hex:{})", "ab".repeat(64))],
+        "crypt: invalid key",
+    );
+    fails(
+        &["info", "crypt(ram, key=hex:12)"],
+        "a hex key is 128 hex digits",
+    );
+    fails(
+        &["info", "crypt(ram, key=secret)"],
+        "`key` must be `@KEYFILE` or `hex:HEX`",
+    );
+    fails(&["info", "crypt(ram)"], "crypt: missing `key`");
+    fails(
+        &["info", "striped(ram(size=1M), ram(size=2M))"],
+        "striped: invalid stripe set",
+    );
+    fails(
+        &["info", "striped(ram, ram, chunk=1000)"],
+        "striped: invalid stripe set",
+    );
+    fails(&["info", "delay(ram, ms=x)"], "`ms`: `x` is not a number");
+    fails(
+        &[
+            "info",
+            &format!(
+                "crypt(striped(ram, file:/nonexistent), key=@{})",
+                key.display()
+            ),
+        ],
+        "crypt/striped[1]/file[2]: cannot open the file",
+    );
 }
