@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+mod guest;
+
 use std::process::{Command, ExitCode};
 
 const HELP: &str = "\
@@ -23,6 +25,10 @@ verbs:
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
+  guest-test [--export qsd]
+                      boot a real Linux guest (User-Mode Linux) against a vhost-user-blk
+                      export and check the disk from inside (installs the Debian packages
+                      it needs when root); today the export is qemu-storage-daemon
   run [ARGS]          the main job: diskctl bench on a built-in default
   help                this text
 ";
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         "stress" => stress(rest),
         "bench" => bench(rest),
         "fuzz" => fuzz(rest),
+        "guest-test" => guest::guest_test(rest),
         "run" => run_main_job(rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
