@@ -56,6 +56,8 @@ pub mod config;
 pub mod descriptor;
 mod device;
 pub mod engine;
+#[cfg(feature = "test-utils")]
+pub mod harness;
 pub mod queue;
 pub mod request;
 pub mod spec;
