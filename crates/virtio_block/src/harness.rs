@@ -85,6 +85,9 @@ pub struct DriverOptions {
     pub num_queues: Option<u16>,
     /// Notify on every [`Driver::kick`], ignoring `avail_event`.
     pub always_kick: bool,
+    /// Write the `writeback` configuration field (with `CONFIG_WCE`) after `FEATURES_OK`:
+    /// the transport drops configuration writes once `DRIVER_OK` is set.
+    pub writeback: Option<bool>,
 }
 
 impl Default for DriverOptions {
@@ -95,6 +98,7 @@ impl Default for DriverOptions {
             queue_size: None,
             num_queues: None,
             always_kick: false,
+            writeback: None,
         }
     }
 }
@@ -372,6 +376,10 @@ impl<D: VirtioDevice> Driver<D> {
             return Err(ProbeError::FeaturesRefused);
         }
         self.features = accepted;
+        if let Some(writeback) = options.writeback {
+            self.transport
+                .write(mmio::CONFIG + 0x20, &[u8::from(writeback)]);
+        }
         // virtblk_probe reads num_queues (with MQ) before init_vq sets the queues up.
         let offered_queues = if accepted & features::BLK_MQ != 0 {
             let mut n = [0; 2];

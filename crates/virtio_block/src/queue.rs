@@ -160,7 +160,7 @@ pub struct SplitQueue {
     next_avail: u16,
     next_used: u16,
     /// `next_used` when the device last decided whether to interrupt, for `vring_need_event`.
-    signalled_used: Option<u16>,
+    signalled_used: u16,
 }
 
 impl SplitQueue {
@@ -206,7 +206,7 @@ impl SplitQueue {
             event_idx,
             next_avail: state.next_avail,
             next_used: state.next_used,
-            signalled_used: None,
+            signalled_used: state.next_used,
         })
     }
 
@@ -303,8 +303,8 @@ impl SplitQueue {
         // module docs for the lost-interrupt race this prevents.
         fence(Ordering::SeqCst);
         let new = self.next_used;
-        let old = self.signalled_used.replace(new);
-        if old == Some(new) {
+        let old = std::mem::replace(&mut self.signalled_used, new);
+        if old == new {
             return Ok(false);
         }
         if self.event_idx {
@@ -313,10 +313,7 @@ impl SplitQueue {
                 .read_plain::<U16>(self.avail_ring + 4 + 2 * u64::from(self.size))
                 .map_err(Self::ring_error("available ring"))?
                 .get();
-            Ok(match old {
-                Some(old) => need_event(used_event, new, old),
-                None => true,
-            })
+            Ok(need_event(used_event, new, old))
         } else {
             let flags = self
                 .mem
@@ -438,7 +435,7 @@ mod tests {
         assert_eq!(mem.read_plain::<U16>(0x3000 + 4 + 32).unwrap().get(), 1);
         q.add_used(0, 8).unwrap();
         assert_eq!(mem.read_plain::<U16>(0x3002).unwrap().get(), 1);
-        // The first decision always notifies; a second with nothing new does not.
+        // used_event is 0: moving the used index past it notifies; nothing new does not.
         assert!(q.needs_notification().unwrap());
         assert!(!q.needs_notification().unwrap());
         // A jump of more than the queue size is refused.

@@ -198,12 +198,15 @@ impl DiskEngine {
             let disk = disk.clone();
             let ctx = ctx.clone();
             async move {
-                let mut known = disk.sector_count();
+                // Start from what the driver was told, not from the disk now: a resize
+                // between activation and this task's first poll must still be announced.
+                let mut known = ctx.shared.capacity.lock().sectors;
                 loop {
                     known = disk.wait_resize(known).await;
-                    if ctx.shared.set_capacity(known) {
-                        ctx.interrupt.signal_config_change();
-                    }
+                    // A configuration read may have picked the new size up already (and
+                    // bumped the generation); the driver is told either way.
+                    ctx.shared.set_capacity(known);
+                    ctx.interrupt.signal_config_change();
                 }
             }
         };
