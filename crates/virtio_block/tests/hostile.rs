@@ -442,7 +442,7 @@ fn sector_ranges_past_the_end_or_overflowing() {
             (capacity, per as u32, 0),
             (capacity - per, 2 * per as u32, 0),
             (u64::MAX - per + 1, per as u32, 0),
-            (u64::MAX & !(per - 1), u32::MAX & !(per as u32 - 1), 0),
+            (!(per - 1), !(per as u32 - 1), 0),
         ];
         for write_zeroes in [false, true] {
             for bad in bads {

@@ -445,14 +445,14 @@ pub fn next_window(
     let &(first_gpa, _) = segments.get(cursor.index)?;
     let first_offset = ((first_gpa + cursor.offset) % page) as usize;
     let mut len = 0usize;
-    let mut previous_end = None;
+    let mut previous_end: Option<u64> = None;
     while let Some(&(gpa, seg_len)) = segments.get(cursor.index) {
         if len == max {
             break;
         }
         let at = gpa + cursor.offset;
         if let Some(end) = previous_end
-            && (end % page != 0 || at % page != 0)
+            && (!end.is_multiple_of(page) || !at.is_multiple_of(page))
         {
             break;
         }
