@@ -1,7 +1,8 @@
 //! The engines that serve block requests once the device is live.
 //!
-//! - [`sync`]: a [`BlockBackend`] served inline on the thread that rang the doorbell, one
-//!   request after another (seed design: `SyncFileBackend`, one mutex around one file).
+//! - [`sync`]: a [`BlockBackend`](sync::BlockBackend) served inline on the thread that rang
+//!   the doorbell, one request after another (seed design: `SyncFileBackend`, one mutex
+//!   around one file).
 //! - [`disk`]: any [`Disk`](disk_backend::Disk), with many requests in flight per queue,
 //!   completed out of order on a small executor thread the device owns; the doorbell thread
 //!   only pops descriptors and starts requests.
