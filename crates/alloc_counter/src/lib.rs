@@ -19,9 +19,10 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
 /// The system allocator, counting every allocation and reallocation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,12 +33,14 @@ pub struct CountingAlloc;
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we pass on.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
@@ -49,6 +52,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
         // SAFETY: as for `dealloc`, and the caller upholds `realloc`'s contract.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -66,4 +70,16 @@ pub fn count<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let before = allocations();
     let result = f();
     (result, allocations() - before)
+}
+
+/// The size in bytes of the largest allocation (or reallocation) since the last
+/// [`reset_largest`], process-wide, when [`CountingAlloc`] is the global allocator: for tests
+/// that prove no allocation grows with an input.
+pub fn largest_allocation() -> usize {
+    LARGEST.load(Ordering::Relaxed)
+}
+
+/// Forgets the largest allocation seen so far.
+pub fn reset_largest() {
+    LARGEST.store(0, Ordering::Relaxed);
 }

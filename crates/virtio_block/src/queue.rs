@@ -1,0 +1,445 @@
+//! The split virtqueue, device side.
+//!
+//! # Memory ordering
+//!
+//! The driver and the device share the rings with no lock, so the order in which each side's
+//! accesses become visible to the other is the protocol. Guest memory is copied with plain
+//! (non-atomic) accesses; `std::sync::atomic::fence` orders them. On x86 the acquire and
+//! release fences only stop the compiler from reordering (the hardware keeps loads and stores
+//! in order), and the sequentially consistent fence is an `mfence`; on weaker machines they
+//! are the barriers the spec asks for. Each ring index is a naturally aligned `u16` (the
+//! rings' alignment is checked when the queue goes live), which the copy reads and writes
+//! with a single access; a value the device finds implausible is a driver error, never
+//! trusted.
+//!
+//! - **Popping** (`pop`): read `avail.idx`, then an *acquire* fence, then the ring entry and
+//!   the descriptors. The driver writes descriptors and the ring entry before it publishes the
+//!   index (with a write barrier), so after the fence the device sees them complete.
+//! - **Publishing a completion** (`add_used`): write the used element, then a *release* fence,
+//!   then `used.idx`. Everything the device wrote for the request (the data of a read, the
+//!   status byte) is ordered before the index the driver polls.
+//! - **Deciding to interrupt** (`needs_notification`): a *sequentially consistent* fence
+//!   between the store of `used.idx` and the load of `used_event` (or `avail.flags`). Without
+//!   it the load could be satisfied before the store is visible, the driver could read the
+//!   old index, decide to wait and set `used_event`, and both sides would sleep: a lost
+//!   interrupt. The driver puts the mirror-image barrier between its `used_event` store and
+//!   its `used.idx` load.
+//! - **Re-arming notifications** (`enable_notification`): under `EVENT_IDX`, write
+//!   `avail_event`, a *sequentially consistent* fence, then read `avail.idx` again: a
+//!   request published between the last pop and the `avail_event` store would otherwise be
+//!   left without a kick.
+
+use crate::descriptor::{ChainError, DescriptorChain, read_chain};
+use crate::spec::ring::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
+use guestmem::{AccessError, GuestMemory};
+use std::sync::atomic::{Ordering, fence};
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Where a queue lives and whether the driver made it ready: what the transport (MMIO
+/// registers, or a vhost-user peer) configures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// The largest size the device supports (`QueueNumMax`).
+    pub max_size: u16,
+    /// The size the driver chose (`QueueNum`); defaults to `max_size`.
+    pub size: u16,
+    /// Whether the driver marked the queue ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the driver area (available ring).
+    pub avail_ring: u64,
+    /// Guest physical address of the device area (used ring).
+    pub used_ring: u64,
+}
+
+impl QueueConfig {
+    /// An unconfigured queue of at most `max_size` entries.
+    pub fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ready: false,
+            desc_table: 0,
+            avail_ring: 0,
+            used_ring: 0,
+        }
+    }
+
+    /// Whether `size` is one a split queue of this queue's maximum may have: a power of two
+    /// no larger than `max_size`.
+    pub fn is_valid_size(&self, size: u16) -> bool {
+        size.is_power_of_two() && size <= self.max_size && size <= MAX_QUEUE_SIZE
+    }
+}
+
+/// How far the device has got through a queue: what a snapshot saves and a restore resumes
+/// from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueState {
+    /// The next available-ring index the device will read.
+    pub next_avail: u16,
+    /// The next used-ring index the device will write.
+    pub next_used: u16,
+}
+
+/// An element of the used ring.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct UsedElement {
+    /// The head index of the chain.
+    pub id: U32,
+    /// Bytes the device wrote into the chain's buffers.
+    pub len: U32,
+}
+
+/// A queue failed in a way only a reset can recover from.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum QueueError {
+    /// The queue size is not a power of two up to the maximum.
+    #[error("queue size {size} is not a power of two up to {max_size}")]
+    InvalidSize {
+        /// The size the driver wrote.
+        size: u16,
+        /// The largest size allowed.
+        max_size: u16,
+    },
+    /// A ring is not aligned as the spec requires (16, 2 and 4 bytes).
+    #[error("{ring} at {gpa:#x} is misaligned")]
+    Misaligned {
+        /// Which ring.
+        ring: &'static str,
+        /// Its address.
+        gpa: u64,
+    },
+    /// A ring is not (entirely) in guest memory, or the used ring is not writable.
+    #[error("{ring} is not in guest memory")]
+    RingMemory {
+        /// Which ring.
+        ring: &'static str,
+        /// Why.
+        #[source]
+        source: AccessError,
+    },
+    /// The driver moved `avail.idx` more than a queue size past what the device has seen:
+    /// it cannot have that many buffers outstanding.
+    #[error("available index jumped from {next_avail} to {avail_idx} in a queue of {size}")]
+    AvailIndexJump {
+        /// The device's next index.
+        next_avail: u16,
+        /// What the driver published.
+        avail_idx: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// A popped chain is malformed. Its head has been returned with length 0.
+    #[error("malformed descriptor chain at head {head}")]
+    Chain {
+        /// The head index.
+        head: u16,
+        /// What is wrong with it.
+        #[source]
+        source: ChainError,
+    },
+}
+
+/// A live split virtqueue: the rings in guest memory plus the device's indices.
+#[derive(Debug)]
+pub struct SplitQueue {
+    mem: GuestMemory,
+    size: u16,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    indirect: bool,
+    event_idx: bool,
+    next_avail: u16,
+    next_used: u16,
+    /// `next_used` when the device last decided whether to interrupt, for `vring_need_event`.
+    signalled_used: u16,
+}
+
+impl SplitQueue {
+    /// Brings the queue described by `config` live over `mem`, resuming from `state`.
+    ///
+    /// Checks the size, the rings' alignment, and that the three areas lie in guest memory
+    /// (the used ring writable), so that a later ring access can only fail if the memory map
+    /// changes.
+    pub fn new(
+        mem: GuestMemory,
+        config: &QueueConfig,
+        state: QueueState,
+        indirect: bool,
+        event_idx: bool,
+    ) -> Result<Self, QueueError> {
+        let size = config.size;
+        if !config.is_valid_size(size) {
+            return Err(QueueError::InvalidSize {
+                size,
+                max_size: config.max_size,
+            });
+        }
+        let n = u64::from(size);
+        let areas = [
+            ("descriptor table", config.desc_table, 16, 16 * n, false),
+            ("available ring", config.avail_ring, 2, 6 + 2 * n, false),
+            ("used ring", config.used_ring, 4, 6 + 8 * n, true),
+        ];
+        for (ring, gpa, align, len, write) in areas {
+            if !gpa.is_multiple_of(align) {
+                return Err(QueueError::Misaligned { ring, gpa });
+            }
+            mem.check_range(gpa, len as usize, write)
+                .map_err(|source| QueueError::RingMemory { ring, source })?;
+        }
+        Ok(Self {
+            mem,
+            size,
+            desc_table: config.desc_table,
+            avail_ring: config.avail_ring,
+            used_ring: config.used_ring,
+            indirect,
+            event_idx,
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            signalled_used: state.next_used,
+        })
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The device's indices.
+    pub fn state(&self) -> QueueState {
+        QueueState {
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+        }
+    }
+
+    /// The guest memory the rings live in.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    fn ring_error(ring: &'static str) -> impl FnOnce(AccessError) -> QueueError {
+        move |source| QueueError::RingMemory { ring, source }
+    }
+
+    fn avail_idx(&self) -> Result<u16, QueueError> {
+        Ok(self
+            .mem
+            .read_plain::<U16>(self.avail_ring + 2)
+            .map_err(Self::ring_error("available ring"))?
+            .get())
+    }
+
+    /// Pops the next available chain, or `None` if the driver has published nothing new.
+    ///
+    /// On [`QueueError::Chain`] the head has been consumed and already returned to the used
+    /// ring with length 0, so no descriptor is lost; the caller should still mark the device
+    /// as needing a reset.
+    pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
+        let avail_idx = self.avail_idx()?;
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending == 0 {
+            return Ok(None);
+        }
+        if pending > self.size {
+            return Err(QueueError::AvailIndexJump {
+                next_avail: self.next_avail,
+                avail_idx,
+                size: self.size,
+            });
+        }
+        // Pairs with the driver's write barrier before it published `avail.idx`: the ring
+        // entry and the descriptors are read after the index (see the module docs).
+        fence(Ordering::Acquire);
+        let slot = u64::from(self.next_avail % self.size);
+        let head = self
+            .mem
+            .read_plain::<U16>(self.avail_ring + 4 + 2 * slot)
+            .map_err(Self::ring_error("available ring"))?
+            .get();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        match read_chain(&self.mem, self.desc_table, self.size, head, self.indirect) {
+            Ok(chain) => Ok(Some(chain)),
+            Err(source) => {
+                // The head is the driver's to reuse only once it is in the used ring.
+                self.add_used(head, 0)?;
+                Err(QueueError::Chain { head, source })
+            }
+        }
+    }
+
+    /// Puts the chain with head `head` into the used ring, `len` bytes written.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+        let slot = u64::from(self.next_used % self.size);
+        let element = UsedElement {
+            id: u32::from(head).into(),
+            len: len.into(),
+        };
+        self.mem
+            .write_plain(self.used_ring + 4 + 8 * slot, &element)
+            .map_err(Self::ring_error("used ring"))?;
+        // The element (and the request's data and status, written before this call) must be
+        // visible before the index that publishes them.
+        fence(Ordering::Release);
+        self.next_used = self.next_used.wrapping_add(1);
+        self.mem
+            .write_plain(self.used_ring + 2, &U16::new(self.next_used))
+            .map_err(Self::ring_error("used ring"))
+    }
+
+    /// Whether the driver wants an interrupt for the used entries added since the last call.
+    pub fn needs_notification(&mut self) -> Result<bool, QueueError> {
+        // Store of used.idx (in add_used) before the load of used_event/flags below: see the
+        // module docs for the lost-interrupt race this prevents.
+        fence(Ordering::SeqCst);
+        let new = self.next_used;
+        let old = std::mem::replace(&mut self.signalled_used, new);
+        if old == new {
+            return Ok(false);
+        }
+        if self.event_idx {
+            let used_event = self
+                .mem
+                .read_plain::<U16>(self.avail_ring + 4 + 2 * u64::from(self.size))
+                .map_err(Self::ring_error("available ring"))?
+                .get();
+            Ok(need_event(used_event, new, old))
+        } else {
+            let flags = self
+                .mem
+                .read_plain::<U16>(self.avail_ring)
+                .map_err(Self::ring_error("available ring"))?
+                .get();
+            Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
+        }
+    }
+
+    /// Asks the driver to notify the device for the next available entry (under
+    /// `EVENT_IDX`), then returns whether entries are already pending, in which case the
+    /// caller must keep popping instead of waiting for a notification.
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
+        if self.event_idx {
+            self.mem
+                .write_plain(
+                    self.used_ring + 4 + 8 * u64::from(self.size),
+                    &U16::new(self.next_avail),
+                )
+                .map_err(Self::ring_error("used ring"))?;
+            // Store of avail_event before the reload of avail.idx (module docs).
+            fence(Ordering::SeqCst);
+        }
+        Ok(self.avail_idx()? != self.next_avail)
+    }
+}
+
+/// `vring_need_event`: whether moving the used index from `old` to `new` crossed the index
+/// `event` at which the driver asked to be interrupted. All arithmetic wraps at 2^16.
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptor::Descriptor;
+    use guestmem::PAGE_SIZE;
+
+    #[test]
+    fn need_event_wraps() {
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(5, 10, 3));
+        assert!(!need_event(10, 10, 3));
+        assert!(need_event(u16::MAX, 1, u16::MAX - 2));
+        assert!(!need_event(2, 1, u16::MAX));
+        // Exhaustive against the definition over a window of the u16 circle.
+        for old in [0u16, 100, u16::MAX - 3] {
+            for step in 0..8u16 {
+                let new = old.wrapping_add(step);
+                for e in 0..8u16 {
+                    let event = old.wrapping_add(e);
+                    // The event index lies in [old, new) exactly when the driver must hear.
+                    assert_eq!(need_event(event, new, old), e < step);
+                }
+            }
+        }
+    }
+
+    fn config() -> QueueConfig {
+        QueueConfig {
+            max_size: 4,
+            size: 4,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+        }
+    }
+
+    #[test]
+    fn rejects_bad_layouts() {
+        let mem = GuestMemory::allocate(4 * PAGE_SIZE);
+        let ok = config();
+        assert!(SplitQueue::new(mem.clone(), &ok, QueueState::default(), false, false).is_ok());
+        for bad in [
+            QueueConfig { size: 3, ..ok },
+            QueueConfig { size: 8, ..ok },
+            QueueConfig { size: 0, ..ok },
+            QueueConfig {
+                desc_table: 0x1008,
+                ..ok
+            },
+            QueueConfig {
+                used_ring: 0x3002,
+                ..ok
+            },
+            QueueConfig {
+                used_ring: 4 * PAGE_SIZE as u64 - 8,
+                ..ok
+            },
+            QueueConfig {
+                avail_ring: u64::MAX - 1,
+                ..ok
+            },
+        ] {
+            assert!(
+                SplitQueue::new(mem.clone(), &bad, QueueState::default(), false, false).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pop_and_complete_round_trip() {
+        let mem = GuestMemory::allocate(4 * PAGE_SIZE);
+        let mut q =
+            SplitQueue::new(mem.clone(), &config(), QueueState::default(), false, true).unwrap();
+        assert_eq!(q.pop().unwrap(), None);
+        mem.write_plain(0x1000, &Descriptor::new(0x100, 8, 0, 0))
+            .unwrap();
+        mem.write_plain(0x2004, &U16::new(0)).unwrap();
+        mem.write_plain(0x2002, &U16::new(1)).unwrap();
+        let chain = q.pop().unwrap().unwrap();
+        assert_eq!(chain.head(), 0);
+        assert!(!q.enable_notification().unwrap());
+        assert_eq!(mem.read_plain::<U16>(0x3000 + 4 + 32).unwrap().get(), 1);
+        q.add_used(0, 8).unwrap();
+        assert_eq!(mem.read_plain::<U16>(0x3002).unwrap().get(), 1);
+        // used_event is 0: moving the used index past it notifies; nothing new does not.
+        assert!(q.needs_notification().unwrap());
+        assert!(!q.needs_notification().unwrap());
+        // A jump of more than the queue size is refused.
+        mem.write_plain(0x2002, &U16::new(6)).unwrap();
+        assert!(matches!(q.pop(), Err(QueueError::AvailIndexJump { .. })));
+    }
+}
