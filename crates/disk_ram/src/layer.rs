@@ -476,7 +476,11 @@ mod tests {
             (u64::MAX, u64::MAX, false),
             (0, u64::MAX, true),
         ] {
-            assert_eq!(ram.may_hold(sector, count), expected, "{count} sectors at {sector}");
+            assert_eq!(
+                ram.may_hold(sector, count),
+                expected,
+                "{count} sectors at {sector}"
+            );
         }
     }
 
