@@ -32,6 +32,11 @@ pub struct BlockDeviceOptions {
     /// when that is a power of two of at least the logical sector size, else the logical
     /// sector size.
     pub file_physical_sector_size: Option<u32>,
+    /// How long the completion thread polls for a completion before sleeping, while one
+    /// or two requests are outstanding. Zero (the default) never polls. Polling saves a
+    /// thread wake-up per request at low queue depth (lower latency) at the price of a busy
+    /// core while such requests are in flight; see `docs/benchmarks.md`.
+    pub completion_spin: std::time::Duration,
 }
 
 impl Default for BlockDeviceOptions {
@@ -42,6 +47,7 @@ impl Default for BlockDeviceOptions {
             queue_depth: 256,
             file_sector_size: 512,
             file_physical_sector_size: None,
+            completion_spin: std::time::Duration::ZERO,
         }
     }
 }
@@ -240,6 +246,7 @@ impl BlockDeviceDisk {
             std::os::fd::AsRawFd::as_raw_fd(&file),
             options.queue_depth.max(1),
             opcodes,
+            options.completion_spin,
         )
         .map_err(OpenError::Ring)?;
         let file = Arc::new(file);
