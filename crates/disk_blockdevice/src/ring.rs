@@ -282,8 +282,15 @@ impl Ring {
     }
 
     /// Moves `owned` into a free slot and pushes the submission entry, or registers `waker`
-    /// and hands `owned` back if every slot is in use.
-    fn start(&self, op: Op, mut owned: Owned, skip: usize, waker: &Waker) -> Result<u32, Owned> {
+    /// and hands `owned` back if every slot is in use. Returns the slot and whether this
+    /// entry opened a batch (its request must see that the batch gets submitted).
+    fn start(
+        &self,
+        op: Op,
+        mut owned: Owned,
+        skip: usize,
+        waker: &Waker,
+    ) -> Result<(u32, bool), Owned> {
         let shared = &*self.shared;
         let mut table = shared.table.lock();
         let Some(index) = table.free.pop() else {
@@ -334,8 +341,8 @@ impl Ring {
             return Err(owned);
         }
         drop(table);
-        shared.queued.fetch_add(1, Ordering::SeqCst);
-        Ok(index)
+        let leader = shared.queued.fetch_add(1, Ordering::SeqCst) == 0;
+        Ok((index, leader))
     }
 
     /// Enters the kernel for every entry queued so far, unless another thread is doing so:
@@ -357,6 +364,13 @@ impl Ring {
             if shared.queued.load(Ordering::SeqCst) == 0 {
                 return;
             }
+        }
+    }
+
+    /// Submits the open batch, if a submitter has not already taken it.
+    fn submit_batch(&self) {
+        if self.shared.queued.load(Ordering::SeqCst) > 0 {
+            self.submit();
         }
     }
 
@@ -521,7 +535,13 @@ pub(crate) struct Request<'a> {
 
 #[derive(Debug)]
 enum Stage {
-    Queued { op: Op, owned: Owned, skip: usize },
+    Queued {
+        op: Op,
+        owned: Owned,
+        skip: usize,
+    },
+    /// Pushed as the first entry of a batch, not yet submitted.
+    Leading(u32),
     InFlight(u32),
     Finished,
 }
@@ -534,13 +554,23 @@ impl Future for Request<'_> {
         match std::mem::replace(&mut this.stage, Stage::Finished) {
             Stage::Queued { op, owned, skip } => {
                 match this.ring.start(op, owned, skip, cx.waker()) {
-                    Ok(index) => {
-                        this.stage = Stage::InFlight(index);
-                        this.ring.submit();
+                    // The first entry of a batch does not enter the kernel yet: it asks to
+                    // be polled again, so that the requests the executor polls meanwhile
+                    // (the rest of a queue refill) join the batch, and then submits them
+                    // all with one `io_uring_enter`. Later entries leave it to the leader.
+                    Ok((index, true)) => {
+                        this.stage = Stage::Leading(index);
+                        cx.waker().wake_by_ref();
                     }
+                    Ok((index, false)) => this.stage = Stage::InFlight(index),
                     Err(owned) => this.stage = Stage::Queued { op, owned, skip },
                 }
                 Poll::Pending
+            }
+            Stage::Leading(index) => {
+                this.ring.submit_batch();
+                this.stage = Stage::InFlight(index);
+                Pin::new(this).poll(cx)
             }
             Stage::InFlight(index) => match this.ring.poll_slot(index, cx.waker()) {
                 Poll::Ready((result, owned)) => {
@@ -563,8 +593,14 @@ impl Future for Request<'_> {
 
 impl Drop for Request<'_> {
     fn drop(&mut self) {
-        if let Stage::InFlight(index) = self.stage {
-            self.ring.abandon(index);
+        match self.stage {
+            Stage::Leading(index) => {
+                // Other requests may be waiting for this batch to be submitted.
+                self.ring.submit_batch();
+                self.ring.abandon(index);
+            }
+            Stage::InFlight(index) => self.ring.abandon(index),
+            Stage::Queued { .. } | Stage::Finished => {}
         }
     }
 }
