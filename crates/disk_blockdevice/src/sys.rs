@@ -214,19 +214,18 @@ mod tests {
 
     #[test]
     fn device_numbers_split_like_glibc() {
-        // makedev(7, 3) and makedev(259, 65537).
+        // makedev(7, 3), and a major and minor wide enough to use the high bits.
         assert_eq!(
             DeviceNumber::from_dev(0x703),
             DeviceNumber { major: 7, minor: 3 }
         );
-        let dev = (259u64 & 0xfff) << 8
-            | (259u64 & !0xfff) << 32
-            | (65537u64 & 0xff)
-            | (65537u64 & !0xff) << 12;
+        let (major, minor) = (4100u64, 65537u64);
+        let dev =
+            (major & 0xfff) << 8 | (major & !0xfff) << 32 | (minor & 0xff) | (minor & !0xff) << 12;
         assert_eq!(
             DeviceNumber::from_dev(dev),
             DeviceNumber {
-                major: 259,
+                major: 4100,
                 minor: 65537
             }
         );

@@ -21,10 +21,10 @@ pub struct LoopDevice {
 /// Where backing files go: memory, so the tests do not depend on the disk's speed.
 fn backing_dir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::tempdir_in(shm) {
-            return dir;
-        }
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::tempdir_in(shm)
+    {
+        return dir;
     }
     tempfile::tempdir().expect("create a temporary directory")
 }
