@@ -218,12 +218,9 @@ impl Ring {
         let ring = IoUring::builder()
             // The completion queue is twice the slots, so it can never overflow.
             .setup_cqsize(entries * 2)
-            // Completions run as task work of the submitting thread. Without this, each one
-            // interrupts that thread with an IPI while it runs; with it, the work waits for
-            // the thread's next entry into the kernel (its next submission, or parking,
-            // which still wakes it at once). It raised QD32 IOPS markedly (benchmarks.md).
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
+            // Not COOP_TASKRUN: it made no measurable difference (benchmarks.md), and it would
+            // hold back the completions of a submitter that computes without entering the
+            // kernel.
             .build(entries)
             .map_err(RingError::Setup)?;
         let mut probe = Probe::new();
