@@ -22,6 +22,10 @@ verbs:
   stress [SEEDS]      the conformance model tests over SEEDS random seeds (default 200),
                       release build; set DISK_CONFORMANCE_SEED=N to replay one seed
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
+  bench blockdevice [ARGS]
+                      disk_blockdevice against fio on loop devices it creates (root;
+                      installs fio if missing); ARGS: --runtime SECS, --reps N,
+                      --size-mib MIB, --only shm|disk
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
@@ -223,6 +227,11 @@ fn stress(args: &[String]) -> Result {
 }
 
 fn bench(args: &[String]) -> Result {
+    if let Some((first, rest)) = args.split_first()
+        && first == "blockdevice"
+    {
+        return bench_blockdevice(rest);
+    }
     let mut c = cargo();
     c.args(["bench", "--workspace", "--locked"]);
     if let [name] = args {
@@ -231,6 +240,24 @@ fn bench(args: &[String]) -> Result {
         return Err("usage: cargo xtask bench [NAME]".into());
     }
     run("bench", c)
+}
+
+/// The fio comparison of `disk_blockdevice`: an example binary, since it needs root, loop
+/// devices and fio rather than criterion's harness.
+fn bench_blockdevice(args: &[String]) -> Result {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "disk_blockdevice",
+        "--example",
+        "fio_compare",
+        "--",
+    ]);
+    c.args(args);
+    run("bench blockdevice", c)
 }
 
 fn run_main_job(args: &[String]) -> Result {

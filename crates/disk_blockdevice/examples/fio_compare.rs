@@ -1,0 +1,422 @@
+//! `BlockDeviceDisk` against fio's io_uring engine, on the same loop devices, in one run.
+//!
+//! Run as root with `cargo xtask bench blockdevice [--runtime SECS] [--reps N] [--only shm|disk]`.
+//! It creates two loop devices with `--direct-io=on` (one backed by a file in `/dev/shm`,
+//! one by a file on disk in `/var/tmp`), installs fio with apt-get if it is missing, and for
+//! each workload (4 KiB random read at queue depth 1 and 32, 1 MiB sequential read and
+//! write at depth 8, all `O_DIRECT`) alternates fio and this crate `--reps` times, then
+//! prints IOPS, bandwidth, mean and p99 latency per run, their medians, and the ratio of
+//! each pair (ours / fio). Not part of CI: the figures depend on the machine.
+
+use disk_backend::Disk;
+use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::{Rng, SeedableRng};
+use request_buffers::OwnedRequestBuffers;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    fio_rw: &'static str,
+    block_size: usize,
+    queue_depth: usize,
+    random: bool,
+    write: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4 KiB random read, QD1",
+        fio_rw: "randread",
+        block_size: 4096,
+        queue_depth: 1,
+        random: true,
+        write: false,
+    },
+    Workload {
+        name: "4 KiB random read, QD32",
+        fio_rw: "randread",
+        block_size: 4096,
+        queue_depth: 32,
+        random: true,
+        write: false,
+    },
+    Workload {
+        name: "1 MiB sequential read, QD8",
+        fio_rw: "read",
+        block_size: 1 << 20,
+        queue_depth: 8,
+        random: false,
+        write: false,
+    },
+    Workload {
+        name: "1 MiB sequential write, QD8",
+        fio_rw: "write",
+        block_size: 1 << 20,
+        queue_depth: 8,
+        random: false,
+        write: true,
+    },
+];
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    iops: f64,
+    bytes_per_second: f64,
+    mean_latency_us: f64,
+    p99_latency_us: f64,
+}
+
+struct Options {
+    runtime: u64,
+    reps: usize,
+    size_mib: u64,
+    only: Option<String>,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        runtime: 5,
+        reps: 3,
+        size_mib: 1024,
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--runtime" => options.runtime = value()?.parse().map_err(|_| "bad --runtime")?,
+            "--reps" => options.reps = value()?.parse().map_err(|_| "bad --reps")?,
+            "--size-mib" => options.size_mib = value()?.parse().map_err(|_| "bad --size-mib")?,
+            "--only" => options.only = Some(value()?),
+            _ => return Err(format!("unknown argument {arg}")),
+        }
+    }
+    if options.reps == 0 || options.runtime == 0 {
+        return Err("--reps and --runtime must be at least 1".into());
+    }
+    Ok(options)
+}
+
+/// A loop device over a file; detached on drop.
+struct LoopDevice {
+    path: PathBuf,
+    backing: PathBuf,
+}
+
+impl LoopDevice {
+    fn new(dir: &Path, size: u64) -> Result<Self, String> {
+        let backing = dir.join(format!("fio-compare-{}.img", std::process::id()));
+        fill(&backing, size).map_err(|e| format!("fill {}: {e}", backing.display()))?;
+        let output = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(&backing)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !output.status.success() {
+            let _ = std::fs::remove_file(&backing);
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        Ok(Self { path, backing })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// Writes `size` bytes of non-zero data, so reads hit allocated blocks, not holes.
+fn fill(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8 + 1).collect();
+    let mut written = 0;
+    while written < size {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+    }
+    file.sync_all()
+}
+
+fn run_fio(device: &Path, workload: &Workload, runtime: u64) -> Result<Figures, String> {
+    let output = Command::new("fio")
+        .arg("--name=compare")
+        .arg(format!("--filename={}", device.display()))
+        .args([
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--time_based",
+            "--norandommap",
+            "--randrepeat=0",
+            "--lat_percentiles=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--rw={}", workload.fio_rw))
+        .arg(format!("--bs={}", workload.block_size))
+        .arg(format!("--iodepth={}", workload.queue_depth))
+        .arg(format!("--runtime={runtime}"))
+        .output()
+        .map_err(|e| format!("cannot run fio: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cannot parse fio's output: {e}"))?;
+    let side = &json["jobs"][0][if workload.write { "write" } else { "read" }];
+    let number = |v: &serde_json::Value| v.as_f64().ok_or(format!("fio output lacks {v}"));
+    Ok(Figures {
+        iops: number(&side["iops"])?,
+        bytes_per_second: number(&side["bw_bytes"])?,
+        mean_latency_us: number(&side["lat_ns"]["mean"])? / 1000.0,
+        p99_latency_us: number(&side["lat_ns"]["percentile"]["99.000000"])? / 1000.0,
+    })
+}
+
+/// One request of the workload; `issued` is when it was queued, so the latency includes
+/// the time until the executor first polls it.
+async fn one_request(
+    disk: &Disk,
+    buffer: &OwnedRequestBuffers,
+    slot: usize,
+    sector: u64,
+    write: bool,
+    issued: Instant,
+) -> (usize, Instant) {
+    let result = if write {
+        disk.write_vectored(&buffer.buffers(false), sector, false)
+            .await
+    } else {
+        disk.read_vectored(&buffer.buffers(true), sector).await
+    };
+    if let Err(e) = result {
+        panic!("request at sector {sector} failed: {e}");
+    }
+    (slot, issued)
+}
+
+fn run_ours(disk: &Disk, workload: &Workload, runtime: u64) -> Figures {
+    let sector_size = disk.sector_size() as u64;
+    let sectors_per_request = workload.block_size as u64 / sector_size;
+    let positions = disk.sector_count() / sectors_per_request;
+    let buffers: Vec<OwnedRequestBuffers> = (0..workload.queue_depth)
+        .map(|_| {
+            let b = OwnedRequestBuffers::new(workload.block_size);
+            b.copy_from_slice(&vec![0x5a; workload.block_size]);
+            b
+        })
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut next_sequential = 0u64;
+    let mut next_sector = || {
+        let position = if workload.random {
+            rng.random_range(0..positions)
+        } else {
+            let p = next_sequential;
+            next_sequential = (next_sequential + 1) % positions;
+            p
+        };
+        position * sectors_per_request
+    };
+    let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(runtime);
+    futures::executor::block_on(async {
+        let mut in_flight = FuturesUnordered::new();
+        for (slot, buffer) in buffers.iter().enumerate() {
+            in_flight.push(one_request(
+                disk,
+                buffer,
+                slot,
+                next_sector(),
+                workload.write,
+                Instant::now(),
+            ));
+        }
+        while let Some((slot, issued)) = in_flight.next().await {
+            let now = Instant::now();
+            latencies_ns.push((now - issued).as_nanos() as u64);
+            if now < end {
+                in_flight.push(one_request(
+                    disk,
+                    &buffers[slot],
+                    slot,
+                    next_sector(),
+                    workload.write,
+                    now,
+                ));
+            }
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let count = latencies_ns.len();
+    let mean = latencies_ns.iter().sum::<u64>() as f64 / count as f64;
+    latencies_ns.sort_unstable();
+    let p99 = latencies_ns[(count * 99 / 100).min(count - 1)];
+    Figures {
+        iops: count as f64 / elapsed,
+        bytes_per_second: (count * workload.block_size) as f64 / elapsed,
+        mean_latency_us: mean / 1000.0,
+        p99_latency_us: p99 as f64 / 1000.0,
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn ensure_fio() -> Result<(), String> {
+    if Command::new("fio").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("fio is missing; installing it with apt-get");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "fio"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err("fio is not installed and `apt-get install fio` failed".into())
+    }
+}
+
+fn format_runs(runs: &[Figures], value: impl Fn(&Figures) -> f64, scale: f64) -> String {
+    runs.iter()
+        .map(|f| format!("{:.0}", value(f) / scale))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Engines compared against fio: the default options, and (at queue depth 1, where a thread
+/// wake-up is a large part of the latency) the completion thread polling for 50 µs.
+const SPIN: Duration = Duration::from_micros(50);
+
+fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
+    let device = LoopDevice::new(dir, options.size_mib << 20)?;
+    let open = |completion_spin| -> Result<Disk, String> {
+        let backend = BlockDeviceDisk::open(
+            &device.path,
+            &BlockDeviceOptions {
+                completion_spin,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("open {}: {e}", device.path.display()))?;
+        Disk::new(backend).map_err(|e| e.to_string())
+    };
+    let disk = open(Duration::ZERO)?;
+    let spinning = open(SPIN)?;
+    println!(
+        "\n### {label}: {} over {} ({} MiB, --direct-io=on)\n",
+        device.path.display(),
+        device.backing.display(),
+        options.size_mib
+    );
+    println!(
+        "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for workload in &WORKLOADS {
+        let mut engines: Vec<(&str, Option<&Disk>)> = vec![("fio", None), ("ours", Some(&disk))];
+        if workload.queue_depth == 1 {
+            engines.push(("ours, spin 50 µs", Some(&spinning)));
+        }
+        let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); engines.len()];
+        for rep in 0..options.reps {
+            // Alternate the order, so drift over time does not favour one engine.
+            let mut order: Vec<usize> = (0..engines.len()).collect();
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let figures = match engines[i].1 {
+                    None => run_fio(&device.path, workload, options.runtime)?,
+                    Some(disk) => run_ours(disk, workload, options.runtime),
+                };
+                runs[i].push(figures);
+            }
+        }
+        for (i, (engine, _)) in engines.iter().enumerate() {
+            let med =
+                |f: fn(&Figures) -> f64| median(&mut runs[i].iter().map(f).collect::<Vec<_>>());
+            let (pairs, iops_ratio, latency_ratio) = if i == 0 {
+                (String::new(), String::new(), String::new())
+            } else {
+                let mut iops: Vec<f64> = runs[i]
+                    .iter()
+                    .zip(&runs[0])
+                    .map(|(o, f)| o.iops / f.iops)
+                    .collect();
+                let mut latency: Vec<f64> = runs[i]
+                    .iter()
+                    .zip(&runs[0])
+                    .map(|(o, f)| o.mean_latency_us / f.mean_latency_us)
+                    .collect();
+                let pairs = iops
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let iops_ratio = format!("{:.2}", median(&mut iops));
+                let latency_ratio = format!("{:.2}", median(&mut latency));
+                eprintln!(
+                    "{label}: {} ({engine}): ours/fio IOPS {iops_ratio}, mean latency {latency_ratio}",
+                    workload.name
+                );
+                (pairs, iops_ratio, latency_ratio)
+            };
+            println!(
+                "| {} | {engine} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {pairs} | {iops_ratio} | {latency_ratio} |",
+                workload.name,
+                format_runs(&runs[i], |f| f.iops, 1.0),
+                med(|f| f.iops),
+                med(|f| f.bytes_per_second) / (1 << 20) as f64,
+                med(|f| f.mean_latency_us),
+                med(|f| f.p99_latency_us),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let result = parse_options().and_then(|options| {
+        ensure_fio()?;
+        let targets: [(&str, &str); 2] =
+            [("memory-backed", "/dev/shm"), ("disk-backed", "/var/tmp")];
+        for (label, dir) in targets {
+            let key = if dir == "/dev/shm" { "shm" } else { "disk" };
+            if options.only.as_deref().is_some_and(|only| only != key) {
+                continue;
+            }
+            compare(label, Path::new(dir), &options)?;
+        }
+        Ok(())
+    });
+    if let Err(message) = result {
+        eprintln!("fio_compare: {message}");
+        std::process::exit(1);
+    }
+}

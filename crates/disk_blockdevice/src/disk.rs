@@ -1,0 +1,665 @@
+//! `BlockDeviceDisk`: opening, geometry, and the `DiskIo` implementation.
+
+use crate::pr::{self, DevicePr};
+use crate::ring::{self, Op, Owned, Ring, RingError};
+use crate::sys::{self, DeviceNumber, Sysfs};
+use crate::uevent::{self, SizeWatch};
+use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
+use request_buffers::{BounceBuffer, MemoryWrite, RequestBuffers};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// How to open a [`BlockDeviceDisk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDeviceOptions {
+    /// Open read-only; the disk refuses writes and unmaps. A device the kernel reports as
+    /// read-only (`BLKROGET`) is opened read-only whatever this says.
+    pub read_only: bool,
+    /// Open with `O_DIRECT`, bypassing the host page cache (the default). Guest buffers
+    /// aligned to the logical sector size go straight to the device; others go through a
+    /// bounce buffer.
+    pub direct: bool,
+    /// Submission queue entries, and so the most requests in flight at once (rounded up to
+    /// a power of two by the kernel). Default 256.
+    pub queue_depth: u32,
+    /// Logical sector size of a regular file (a device reports its own). Default 512.
+    pub file_sector_size: u32,
+    /// Physical sector size of a regular file; defaults to the file system's block size
+    /// when that is a power of two of at least the logical sector size, else the logical
+    /// sector size.
+    pub file_physical_sector_size: Option<u32>,
+    /// How long the completion thread polls for a completion before sleeping, while one
+    /// or two requests are outstanding. Zero (the default) never polls. Polling saves a
+    /// thread wake-up per request at low queue depth (lower latency) at the price of a busy
+    /// core while such requests are in flight; see `docs/benchmarks.md`.
+    pub completion_spin: std::time::Duration,
+}
+
+impl Default for BlockDeviceOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            direct: true,
+            queue_depth: 256,
+            file_sector_size: 512,
+            file_physical_sector_size: None,
+            completion_spin: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// Opening a [`BlockDeviceDisk`] failed.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The path could not be opened.
+    #[error("cannot open {}", path.display())]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is neither a block device nor a regular file.
+    #[error("{} is neither a block device nor a regular file", path.display())]
+    NotADisk {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Reading the geometry (size, sector sizes, read-only flag) failed.
+    #[error("cannot read the geometry of the disk")]
+    Geometry(#[source] io::Error),
+    /// A sector size is not a power of two of at least 512 (or, for the physical size, of
+    /// at least the logical size).
+    #[error("invalid sector sizes: logical {logical}, physical {physical}")]
+    InvalidSectorSize {
+        /// Logical sector size in bytes.
+        logical: u32,
+        /// Physical sector size in bytes.
+        physical: u32,
+    },
+    /// The disk holds less than one sector.
+    #[error("the disk holds {size} bytes, less than one {sector_size}-byte sector")]
+    TooSmall {
+        /// Size in bytes.
+        size: u64,
+        /// Logical sector size in bytes.
+        sector_size: u32,
+    },
+    /// An `O_DIRECT` read of one sector failed: the file system does not accept direct I/O
+    /// at the requested sector size.
+    #[error("the file does not accept direct I/O of {sector_size}-byte sectors")]
+    DirectIo {
+        /// Logical sector size in bytes.
+        sector_size: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// io_uring is unavailable or lacks an operation the disk needs.
+    #[error("cannot set up io_uring")]
+    Ring(#[source] RingError),
+    /// The uevent listener that reports resizes could not be started.
+    #[error("cannot listen for kernel uevents")]
+    Uevents(#[source] io::Error),
+}
+
+/// What the disk learnt about the device or file at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    /// Logical sector size in bytes.
+    pub sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Whether the disk is read-only (by request or because the device is).
+    pub read_only: bool,
+    /// Discard granularity in bytes (0: discard unsupported).
+    pub discard_granularity: u32,
+    /// Whether the device has a volatile write cache (`queue/write_cache` is
+    /// `write back`). A flush is still issued either way.
+    pub volatile_write_cache: bool,
+    /// Whether the device implements FUA natively (`queue/fua`); without it the kernel
+    /// emulates a `RWF_DSYNC` write with a flush.
+    pub native_fua: bool,
+    /// Whether the medium is removable and can be ejected.
+    pub removable: bool,
+    /// Whether the file was opened with `O_DIRECT`.
+    pub direct: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Device,
+    File,
+}
+
+/// A disk backed by a Linux block device or a regular file, served through io_uring. See
+/// the [crate documentation](crate).
+#[derive(Debug)]
+pub struct BlockDeviceDisk {
+    // Field order matters: the ring (whose drop waits for every outstanding request) goes
+    // before the file it uses.
+    ring: Ring,
+    file: Arc<File>,
+    kind: Kind,
+    geometry: Geometry,
+    sector_shift: u32,
+    /// Fixed size of a regular file, in sectors; a device's lives in `size`.
+    file_sector_count: u64,
+    size: Option<Arc<SizeWatch>>,
+    unmap_behavior: UnmapBehavior,
+    pr: Option<DevicePr>,
+}
+
+impl BlockDeviceDisk {
+    /// Opens the block device or regular file at `path`.
+    pub fn open(path: impl AsRef<Path>, options: &BlockDeviceOptions) -> Result<Self, OpenError> {
+        let path = path.as_ref();
+        let open = |write: bool| {
+            let mut open = std::fs::OpenOptions::new();
+            open.read(true).write(write);
+            if options.direct {
+                open.custom_flags(libc::O_DIRECT);
+            }
+            open.open(path).map_err(|source| OpenError::Open {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        // Open read-only first: a read-only device refuses a writable open.
+        let file = open(false)?;
+        let metadata = file.metadata().map_err(OpenError::Geometry)?;
+        let file_type = metadata.file_type();
+        let kind = if file_type.is_block_device() {
+            Kind::Device
+        } else if file_type.is_file() {
+            Kind::File
+        } else {
+            return Err(OpenError::NotADisk {
+                path: path.to_owned(),
+            });
+        };
+        let device_read_only = kind == Kind::Device
+            && sys::device_int(&file, sys::BLKROGET).map_err(OpenError::Geometry)? != 0;
+        let read_only = options.read_only || device_read_only;
+        let file = if read_only { file } else { open(true)? };
+        Self::from_parts(file, kind, read_only, options)
+    }
+
+    fn from_parts(
+        file: File,
+        kind: Kind,
+        read_only: bool,
+        options: &BlockDeviceOptions,
+    ) -> Result<Self, OpenError> {
+        let (mut geometry, size_bytes) = match kind {
+            Kind::Device => device_geometry(&file, read_only)?,
+            Kind::File => file_geometry(&file, read_only, options)?,
+        };
+        geometry.direct = options.direct;
+        let (logical, physical) = (geometry.sector_size, geometry.physical_sector_size);
+        if logical < 512
+            || !logical.is_power_of_two()
+            || physical < logical
+            || !physical.is_power_of_two()
+        {
+            return Err(OpenError::InvalidSectorSize { logical, physical });
+        }
+        let sector_shift = logical.trailing_zeros();
+        // Byte offsets past i64::MAX are not addressable.
+        let size_bytes = size_bytes.min(i64::MAX as u64);
+        let sector_count = size_bytes >> sector_shift;
+        if sector_count == 0 {
+            return Err(OpenError::TooSmall {
+                size: size_bytes,
+                sector_size: logical,
+            });
+        }
+        if kind == Kind::File && options.direct {
+            check_direct_io(&file, logical)?;
+        }
+        let unmap_behavior = match kind {
+            _ if read_only => UnmapBehavior::Ignored,
+            Kind::File if sys::supports_punch_hole(&file, size_bytes) => UnmapBehavior::Zeroes,
+            Kind::File => UnmapBehavior::Ignored,
+            Kind::Device if geometry.discard_granularity == 0 => UnmapBehavior::Ignored,
+            // A loop device discards by punching a hole in its backing file (or zeroing its
+            // backing device), so discarded sectors read as zeros.
+            Kind::Device
+                if Sysfs::new(DeviceNumber::of(&file).map_err(OpenError::Geometry)?).is_loop() =>
+            {
+                UnmapBehavior::Zeroes
+            }
+            // Other devices may keep the old data (SCSI LBPRZ, NVMe DLFEAT are not
+            // reported through the block layer).
+            Kind::Device => UnmapBehavior::Unspecified,
+        };
+        let opcodes = match kind {
+            Kind::File => ring::FILE_OPCODES,
+            Kind::Device => &[],
+        };
+        let ring = Ring::new(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            options.queue_depth.max(1),
+            opcodes,
+            options.completion_spin,
+        )
+        .map_err(OpenError::Ring)?;
+        let file = Arc::new(file);
+        let (size, pr) = match kind {
+            Kind::Device => {
+                let device = DeviceNumber::of(&file).map_err(OpenError::Geometry)?;
+                let watch = Arc::new(SizeWatch::new(
+                    device,
+                    file.clone(),
+                    sector_shift,
+                    sector_count,
+                ));
+                uevent::watch(&watch).map_err(OpenError::Uevents)?;
+                let pr = pr::probe(&file).then(|| DevicePr::new(file.clone()));
+                (Some(watch), pr)
+            }
+            Kind::File => (None, None),
+        };
+        Ok(Self {
+            ring,
+            file,
+            kind,
+            geometry,
+            sector_shift,
+            file_sector_count: sector_count,
+            size,
+            unmap_behavior,
+            pr,
+        })
+    }
+
+    /// The geometry read at open.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Whether the disk is a block device (as opposed to a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.kind == Kind::Device
+    }
+
+    /// Re-reads a block device's size now (`BLKGETSIZE64`) instead of waiting for the
+    /// uevent, and returns the sector count. A regular file's size is fixed at open.
+    pub fn refresh_sector_count(&self) -> u64 {
+        match &self.size {
+            Some(watch) => watch.refresh(),
+            None => self.file_sector_count,
+        }
+    }
+
+    fn byte_offset(&self, sector: u64) -> u64 {
+        sector << self.sector_shift
+    }
+
+    /// Whether the kernel can use `buffers` directly: always without `O_DIRECT`; with it,
+    /// when every piece is aligned to the logical sector size.
+    fn is_zero_copy(&self, buffers: &RequestBuffers<'_>) -> bool {
+        !self.geometry.direct || buffers.is_aligned(self.geometry.sector_size as usize)
+    }
+
+    /// Runs a read or write of `owned.len()` bytes at `offset`, resubmitting the rest after
+    /// a short transfer. A transfer of zero bytes is an error: the device ended early.
+    async fn transfer(&self, op: Op, mut owned: Owned) -> Result<Owned, DiskError> {
+        let len = owned.len();
+        let mut done = 0;
+        while done < len {
+            let (result, back) = self.ring.run(op, owned, done).await;
+            owned = back;
+            match result {
+                Ok(0) => {
+                    return Err(DiskError::Io(io::Error::new(
+                        match op {
+                            Op::Read { .. } => io::ErrorKind::UnexpectedEof,
+                            _ => io::ErrorKind::WriteZero,
+                        },
+                        "the device transferred nothing",
+                    )));
+                }
+                Ok(n) => done += n as usize,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(sys::disk_error(e)),
+            }
+        }
+        Ok(owned)
+    }
+
+    /// Runs a request that transfers no data (flush, fallocate).
+    async fn command(&self, op: Op) -> Result<(), DiskError> {
+        loop {
+            match self.ring.run(op, Owned::None, 0).await.0 {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(sys::disk_error(e)),
+            }
+        }
+    }
+
+    /// Writes zeros to `count` sectors from `sector`, with `BLKZEROOUT` on a device and
+    /// `FALLOC_FL_ZERO_RANGE` on a file (or plain writes of zeros where the file system
+    /// lacks it). Unlike [`unmap`](DiskIo::unmap), the sectors are guaranteed to read as
+    /// zeros afterwards, and the file never grows.
+    pub async fn write_zeroes(&self, sector: u64, count: u64) -> Result<(), DiskError> {
+        if self.geometry.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_unmap_range(self, sector, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let offset = self.byte_offset(sector);
+        let len = self.byte_offset(count);
+        match self.kind {
+            Kind::Device => {
+                let file = self.file.clone();
+                blocking::unblock(move || sys::device_range(&file, sys::BLKZEROOUT, offset, len))
+                    .await
+                    .map_err(sys::disk_error)
+            }
+            Kind::File => {
+                let op = Op::Fallocate {
+                    offset,
+                    len,
+                    mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                };
+                match self.command(op).await {
+                    Err(DiskError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        self.write_zeroes_by_writing(offset, len).await
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// Zeroes `len` bytes at `offset` with ordinary writes, 1 MiB at a time.
+    async fn write_zeroes_by_writing(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        const CHUNK: u64 = 1 << 20;
+        let mut zeros = BounceBuffer::new(CHUNK.min(len) as usize);
+        let mut done = 0;
+        while done < len {
+            let this = (len - done).min(CHUNK) as usize;
+            if this < zeros.len() {
+                zeros = BounceBuffer::new(this);
+            }
+            let op = Op::Write {
+                offset: offset + done,
+                dsync: false,
+            };
+            zeros = match self.transfer(op, Owned::Bounce(zeros)).await? {
+                Owned::Bounce(zeros) => zeros,
+                _ => unreachable!("transfer hands back what it was given"),
+            };
+            done += this as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Geometry and size in bytes of a block device, from ioctls and sysfs.
+fn device_geometry(file: &File, read_only: bool) -> Result<(Geometry, u64), OpenError> {
+    let size = sys::device_size(file).map_err(OpenError::Geometry)?;
+    let sector_size = sys::device_int(file, sys::BLKSSZGET).map_err(OpenError::Geometry)?;
+    let physical_sector_size =
+        sys::device_int(file, sys::BLKPBSZGET).map_err(OpenError::Geometry)?;
+    let sysfs = Sysfs::new(DeviceNumber::of(file).map_err(OpenError::Geometry)?);
+    let discard_max = sysfs.queue_u64("discard_max_bytes").unwrap_or(0);
+    let discard_granularity = if discard_max == 0 {
+        0
+    } else {
+        // A device that discards but reports no granularity works in logical sectors.
+        sysfs
+            .queue_u64("discard_granularity")
+            .filter(|&g| g > 0)
+            .unwrap_or(sector_size as u64)
+            .min(u32::MAX as u64) as u32
+    };
+    let geometry = Geometry {
+        sector_size,
+        physical_sector_size,
+        read_only,
+        discard_granularity,
+        // Without sysfs, assume the worst: a volatile cache and no native FUA.
+        volatile_write_cache: sysfs.queue("write_cache").as_deref() != Some("write through"),
+        native_fua: sysfs.queue("fua").as_deref() == Some("1"),
+        removable: sysfs.is_removable(),
+        direct: false,
+    };
+    Ok((geometry, size))
+}
+
+/// Geometry and size in bytes of a regular file.
+fn file_geometry(
+    file: &File,
+    read_only: bool,
+    options: &BlockDeviceOptions,
+) -> Result<(Geometry, u64), OpenError> {
+    let metadata = file.metadata().map_err(OpenError::Geometry)?;
+    let sector_size = options.file_sector_size;
+    let block_size = metadata.blksize().min(u32::MAX as u64) as u32;
+    let physical_sector_size = options.file_physical_sector_size.unwrap_or(
+        if block_size.is_power_of_two() && block_size >= sector_size && block_size <= 65536 {
+            block_size
+        } else {
+            sector_size
+        },
+    );
+    let geometry = Geometry {
+        sector_size,
+        physical_sector_size,
+        read_only,
+        discard_granularity: sector_size,
+        volatile_write_cache: true,
+        native_fua: false,
+        removable: false,
+        direct: false,
+    };
+    Ok((geometry, metadata.len()))
+}
+
+/// Reads the first sector with `O_DIRECT` to make sure the file system accepts direct I/O
+/// at this sector size; failing at open is clearer than failing every unaligned request.
+fn check_direct_io(file: &File, sector_size: u32) -> Result<(), OpenError> {
+    let mut buffer = BounceBuffer::new(sector_size as usize);
+    let io_buffer = buffer.io_buffer();
+    loop {
+        // SAFETY: the bounce buffer is live, writable and `sector_size` bytes long; no
+        // slice of it exists during the call.
+        let rc = unsafe {
+            libc::pread(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                io_buffer.as_ptr().cast(),
+                io_buffer.len(),
+                0,
+            )
+        };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let source = io::Error::last_os_error();
+        if source.kind() != io::ErrorKind::Interrupted {
+            return Err(OpenError::DirectIo {
+                sector_size,
+                source,
+            });
+        }
+    }
+}
+
+impl DiskIo for BlockDeviceDisk {
+    fn disk_type(&self) -> &str {
+        match self.kind {
+            Kind::Device => "blockdevice",
+            Kind::File => "blockdevice-file",
+        }
+    }
+
+    fn sector_count(&self) -> u64 {
+        match &self.size {
+            Some(watch) => watch.sector_count(),
+            None => self.file_sector_count,
+        }
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.geometry.sector_size
+    }
+
+    fn disk_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        self.geometry.physical_sector_size
+    }
+
+    fn is_fua_respected(&self) -> bool {
+        // RWF_DSYNC makes the write durable before it completes: natively with FUA, or by
+        // the kernel flushing after it.
+        true
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.geometry.read_only
+    }
+
+    async fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
+        check_range(self, sector, buffers.len())?;
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        let op = Op::Read {
+            offset: self.byte_offset(sector),
+        };
+        if self.is_zero_copy(buffers) {
+            let locked = buffers.lock(true)?;
+            self.transfer(op, Owned::Locked(locked)).await?;
+            return Ok(());
+        }
+        // Fail on bad guest memory before doing the I/O.
+        buffers.validate()?;
+        if !buffers.is_write() {
+            return Err(DiskError::MemoryAccess(
+                request_buffers::AccessError::NotWritable,
+            ));
+        }
+        let bounce = BounceBuffer::new(buffers.len());
+        match self.transfer(op, Owned::Bounce(bounce)).await? {
+            Owned::Bounce(bounce) => buffers.writer().write(bounce.as_bytes())?,
+            _ => unreachable!("transfer hands back what it was given"),
+        }
+        Ok(())
+    }
+
+    async fn write_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+    ) -> Result<(), DiskError> {
+        if self.geometry.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_range(self, sector, buffers.len())?;
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        let op = Op::Write {
+            offset: self.byte_offset(sector),
+            dsync: fua,
+        };
+        let owned = if self.is_zero_copy(buffers) {
+            Owned::Locked(buffers.lock(false)?)
+        } else {
+            let mut bounce = BounceBuffer::new(buffers.len());
+            request_buffers::MemoryRead::read(&mut buffers.reader(), bounce.as_mut_bytes())?;
+            Owned::Bounce(bounce)
+        };
+        self.transfer(op, owned).await?;
+        Ok(())
+    }
+
+    async fn sync_cache(&self) -> Result<(), DiskError> {
+        self.command(Op::Fsync).await
+    }
+
+    async fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        _block_level_only: bool,
+    ) -> Result<(), DiskError> {
+        if self.geometry.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_unmap_range(self, sector, count)?;
+        if count == 0 || self.unmap_behavior == UnmapBehavior::Ignored {
+            return Ok(());
+        }
+        let offset = self.byte_offset(sector);
+        let len = self.byte_offset(count);
+        match self.kind {
+            Kind::Device => {
+                let file = self.file.clone();
+                blocking::unblock(move || sys::device_range(&file, sys::BLKDISCARD, offset, len))
+                    .await
+                    .map_err(sys::disk_error)
+            }
+            Kind::File => {
+                self.command(Op::Fallocate {
+                    offset,
+                    len,
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                })
+                .await
+            }
+        }
+    }
+
+    fn unmap_behavior(&self) -> UnmapBehavior {
+        self.unmap_behavior
+    }
+
+    fn optimal_unmap_sectors(&self) -> u32 {
+        (self.geometry.discard_granularity >> self.sector_shift).max(1)
+    }
+
+    fn pr(&self) -> Option<&dyn disk_backend::pr::PersistentReservation> {
+        self.pr.as_ref().map(|pr| pr as _)
+    }
+
+    async fn eject(&self) -> Result<(), DiskError> {
+        if !self.geometry.removable {
+            return Err(DiskError::UnsupportedEject);
+        }
+        let file = self.file.clone();
+        blocking::unblock(move || {
+            // SAFETY: CDROMEJECT takes no argument.
+            unsafe { sys::ioctl(&file, sys::CDROMEJECT, std::ptr::null_mut()) }
+        })
+        .await
+        .map(drop)
+        .map_err(sys::disk_error)
+    }
+
+    async fn wait_resize(&self, sector_count: u64) -> u64 {
+        match &self.size {
+            Some(watch) => watch.wait_for_change(sector_count).await,
+            // A regular file's size is fixed at open.
+            None => std::future::pending().await,
+        }
+    }
+}

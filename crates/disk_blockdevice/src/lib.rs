@@ -1,0 +1,59 @@
+//! A disk backed by a Linux block device or a regular file, served through io_uring.
+//!
+//! [`BlockDeviceDisk`] opens a block device (`/dev/nvme0n1`, `/dev/loop3`) or a regular file,
+//! by default with `O_DIRECT`, reads its geometry from ioctls and sysfs, and serves
+//! [`DiskIo`](disk_backend::DiskIo) with many requests in flight on one io_uring per disk:
+//!
+//! - **Zero-copy** when the guest's buffers are aligned to the logical sector size (or
+//!   always, without `O_DIRECT`): the kernel reads and writes the locked guest pages
+//!   directly. Unaligned buffers go through a page-aligned bounce buffer.
+//! - **Batched submission**: requests push their entries under one lock, and one
+//!   `io_uring_enter` submits everything queued while it runs.
+//! - **Any executor**: a completion thread reaps completions and wakes the futures, which
+//!   work under tokio, `futures::executor::block_on`, or anything else.
+//! - **Dropped futures are safe**: the memory the kernel uses belongs to the ring until the
+//!   completion arrives, not to the future.
+//! - FUA is `RWF_DSYNC`, flush is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`; discard
+//!   is `BLKDISCARD` on a device and a punched hole in a file; [`write_zeroes`] uses
+//!   `BLKZEROOUT` or `FALLOC_FL_ZERO_RANGE`. A short transfer is continued, a transfer of
+//!   nothing is an error, and a file never grows.
+//! - **Resize**: a kernel uevent listener notices a device's capacity change (`losetup -c`,
+//!   a grown virtual disk) and completes [`wait_resize`](disk_backend::DiskIo::wait_resize).
+//! - **Persistent reservations** through the `IOC_PR_*` ioctls where the device has them;
+//!   **eject** for removable media; read-only devices refuse writes with
+//!   [`DiskError::ReadOnly`](disk_backend::DiskError::ReadOnly).
+//!
+//! io_uring and every opcode the disk uses are probed at open: a kernel without them fails
+//! [`BlockDeviceDisk::open`] with [`OpenError::Ring`], never the first I/O.
+//!
+//! It is not a cache, a format (raw sectors only) or portable: Linux only.
+//!
+//! ```no_run
+//! use disk_backend::Disk;
+//! use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions};
+//! use request_buffers::OwnedRequestBuffers;
+//!
+//! let disk = Disk::new(BlockDeviceDisk::open("/dev/loop0", &BlockDeviceOptions::default())?)?;
+//! let buffer = OwnedRequestBuffers::new(4096);
+//! futures::executor::block_on(disk.read_vectored(&buffer.buffers(true), 0))?;
+//! println!("{} sectors of {} bytes", disk.sector_count(), disk.sector_size());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`write_zeroes`]: BlockDeviceDisk::write_zeroes
+
+// The reasons for unsafe here: io_uring takes raw pointers to the memory it reads and
+// writes (locked guest pages, bounce buffers, iovec arrays) that must outlive the request,
+// and the block device ioctls and the netlink socket have no safe wrappers.
+#![allow(unsafe_code)]
+#![cfg(target_os = "linux")]
+
+mod disk;
+mod pr;
+mod ring;
+mod sys;
+mod uevent;
+
+pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, OpenError};
+pub use ring::RingError;
+pub use sys::DeviceNumber;
