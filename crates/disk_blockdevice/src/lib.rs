@@ -50,10 +50,12 @@
 
 mod disk;
 mod pr;
+mod resolve;
 mod ring;
 mod sys;
 mod uevent;
 
 pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, OpenError};
+pub use resolve::BlockDeviceResolver;
 pub use ring::RingError;
 pub use sys::DeviceNumber;

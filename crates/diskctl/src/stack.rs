@@ -2,6 +2,7 @@
 
 use disk_backend::Disk;
 use disk_backend::resolve::{DiskSpec, Resolver};
+use disk_blockdevice::BlockDeviceResolver;
 use disk_crypt::CryptResolver;
 use disk_delay::DelayResolver;
 use disk_file::FileResolver;
@@ -23,7 +24,8 @@ pub fn resolver() -> Resolver {
         .register(PrWrapResolver)
         .register(StripedResolver)
         .register(CryptResolver)
-        .register(DelayResolver);
+        .register(DelayResolver)
+        .register(BlockDeviceResolver);
     resolver
 }
 

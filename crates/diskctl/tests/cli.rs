@@ -165,7 +165,7 @@ fn info_reports_geometry_and_tree() {
 fn bad_input_is_one_line_and_fails() {
     fails(
         &["info", "floppy(a.img)"],
-        "floppy: unknown disk kind `floppy` (known: crypt, delay, file, layered, prwrap, ram, striped)",
+        "floppy: unknown disk kind `floppy` (known: blockdev, crypt, delay, file, layered, prwrap, ram, striped)",
     );
     fails(
         &["info", "layered(ram, file:x"],

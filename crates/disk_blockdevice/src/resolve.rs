@@ -1,0 +1,121 @@
+//! `blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N])`.
+
+use crate::{BlockDeviceDisk, BlockDeviceOptions};
+use disk_backend::Disk;
+use disk_backend::resolve::{Args, ResolveContext, ResolveDisk, ResolveError};
+use std::time::Duration;
+
+/// Opens `blockdev` nodes: a Linux block device (or a regular file) through io_uring,
+/// `O_DIRECT` unless `buffered`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockDeviceResolver;
+
+impl ResolveDisk for BlockDeviceResolver {
+    fn kind(&self) -> &str {
+        "blockdev"
+    }
+
+    fn usage(&self) -> &str {
+        "blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N]): a block device or file through io_uring, O_DIRECT unless buffered"
+    }
+
+    fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
+        let read_only = args.flag("ro");
+        let buffered = args.flag("buffered");
+        let path = args.positional_text(ctx, "a device or file path")?;
+        let read_only = read_only || args.flag("ro");
+        let buffered = buffered || args.flag("buffered");
+        let defaults = BlockDeviceOptions::default();
+        let queue_depth = args
+            .named_u64(ctx, "queue_depth")?
+            .unwrap_or(defaults.queue_depth.into());
+        let sector_size = args
+            .named_size(ctx, "sector_size")?
+            .unwrap_or(defaults.file_sector_size.into());
+        let spin_us = args.named_u64(ctx, "spin_us")?.unwrap_or(0);
+        args.finish(ctx)?;
+        let to_u32 = |value: u64, name: &str| {
+            u32::try_from(value).map_err(|_| ctx.error(format!("`{name}` {value} is too large")))
+        };
+        if queue_depth == 0 {
+            return Err(ctx.error("`queue_depth` must be at least 1"));
+        }
+        let options = BlockDeviceOptions {
+            read_only,
+            direct: !buffered,
+            queue_depth: to_u32(queue_depth, "queue_depth")?,
+            file_sector_size: to_u32(sector_size, "sector_size")?,
+            completion_spin: Duration::from_micros(spin_us),
+            ..defaults
+        };
+        let disk = BlockDeviceDisk::open(path, &options)
+            .map_err(|e| ctx.error_with("cannot open the device", e))?;
+        Disk::new(disk).map_err(|e| ctx.error_with("invalid geometry", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk_backend::resolve::Resolver;
+
+    fn resolve(spec: &str) -> Result<Disk, String> {
+        let mut resolver = Resolver::new();
+        resolver.register(BlockDeviceResolver);
+        resolver.resolve(&spec.parse().unwrap()).map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            message
+        })
+    }
+
+    #[test]
+    fn blockdev_specs_on_a_file() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let path = file.path().display();
+        match resolve(&format!("blockdev({path}, buffered, queue_depth=8)")) {
+            Ok(disk) => {
+                assert_eq!(disk.sector_count(), 2048);
+                let disk =
+                    resolve(&format!("blockdev({path}, ro, buffered, sector_size=4k)")).unwrap();
+                assert_eq!((disk.sector_count(), disk.sector_size()), (256, 4096));
+                assert!(disk.is_read_only());
+            }
+            Err(e) if e.contains("io_uring") => {
+                eprintln!("skipping: io_uring is not available here: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        for (spec, error) in [
+            (
+                "blockdev".to_string(),
+                "blockdev: missing a device or file path",
+            ),
+            (
+                format!("blockdev({path}, queue_depth=0)"),
+                "`queue_depth` must be at least 1",
+            ),
+            (
+                format!("blockdev({path}, queue_depth=5000000000)"),
+                "`queue_depth` 5000000000 is too large",
+            ),
+            (
+                format!("blockdev({path}, fast)"),
+                "unexpected argument `fast`",
+            ),
+            (
+                "blockdev(/nonexistent/dev)".to_string(),
+                "blockdev: cannot open the device",
+            ),
+        ] {
+            let err = resolve(&spec).unwrap_err();
+            assert!(err.contains(error), "{spec}: {err}");
+        }
+    }
+}
