@@ -178,6 +178,68 @@ pub trait DiskIo: 'static + Send + Sync {
     }
 }
 
+/// Implements the [`DiskIo`] metadata methods that a decorator passes through unchanged
+/// (`sector_count`, `sector_size`, `disk_id`, `physical_sector_size`, `is_fua_respected`,
+/// `is_read_only`) by forwarding them to the expression `$inner`, written in terms of `self`.
+/// Use it inside `impl DiskIo for ...`, and write the methods the decorator changes by hand.
+///
+/// ```
+/// use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior, forward_disk_metadata};
+/// use request_buffers::RequestBuffers;
+///
+/// /// Counts reads, and is otherwise its inner disk.
+/// struct Counting {
+///     inner: Disk,
+///     reads: std::sync::atomic::AtomicU64,
+/// }
+///
+/// impl DiskIo for Counting {
+///     forward_disk_metadata!(self.inner);
+///
+///     fn disk_type(&self) -> &str { "counting" }
+///     async fn read_vectored(&self, buffers: &RequestBuffers<'_>, sector: u64) -> Result<(), DiskError> {
+///         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         self.inner.read_vectored(buffers, sector).await
+///     }
+///     async fn write_vectored(&self, buffers: &RequestBuffers<'_>, sector: u64, fua: bool) -> Result<(), DiskError> {
+///         self.inner.write_vectored(buffers, sector, fua).await
+///     }
+///     async fn sync_cache(&self) -> Result<(), DiskError> { self.inner.sync_cache().await }
+///     async fn unmap(&self, sector: u64, count: u64, block_level_only: bool) -> Result<(), DiskError> {
+///         self.inner.unmap(sector, count, block_level_only).await
+///     }
+///     fn unmap_behavior(&self) -> UnmapBehavior { self.inner.unmap_behavior() }
+/// }
+/// ```
+#[macro_export]
+macro_rules! forward_disk_metadata {
+    ($self:ident . $($inner:tt)+) => {
+        fn sector_count(&$self) -> u64 {
+            $crate::DiskIo::sector_count(&$self.$($inner)+)
+        }
+
+        fn sector_size(&$self) -> u32 {
+            $crate::DiskIo::sector_size(&$self.$($inner)+)
+        }
+
+        fn disk_id(&$self) -> Option<[u8; 16]> {
+            $crate::DiskIo::disk_id(&$self.$($inner)+)
+        }
+
+        fn physical_sector_size(&$self) -> u32 {
+            $crate::DiskIo::physical_sector_size(&$self.$($inner)+)
+        }
+
+        fn is_fua_respected(&$self) -> bool {
+            $crate::DiskIo::is_fua_respected(&$self.$($inner)+)
+        }
+
+        fn is_read_only(&$self) -> bool {
+            $crate::DiskIo::is_read_only(&$self.$($inner)+)
+        }
+    };
+}
+
 /// A shared backend is a backend: the owner can keep a handle (to resize it, inject faults,
 /// inspect it) while a [`Disk`] wraps it.
 impl<T: DiskIo> DiskIo for std::sync::Arc<T> {

@@ -179,29 +179,7 @@ impl DiskIo for CryptDisk {
         "crypt"
     }
 
-    fn sector_count(&self) -> u64 {
-        self.inner.sector_count()
-    }
-
-    fn sector_size(&self) -> u32 {
-        self.inner.sector_size()
-    }
-
-    fn disk_id(&self) -> Option<[u8; 16]> {
-        self.inner.disk_id()
-    }
-
-    fn physical_sector_size(&self) -> u32 {
-        self.inner.physical_sector_size()
-    }
-
-    fn is_fua_respected(&self) -> bool {
-        self.inner.is_fua_respected()
-    }
-
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
+    disk_backend::forward_disk_metadata!(self.inner);
 
     async fn read_vectored(
         &self,
