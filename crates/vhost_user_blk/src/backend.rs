@@ -215,6 +215,24 @@ impl VhostUserBlk {
         self.interrupt.clear();
     }
 
+    /// Maps a new memory table (`SET_MEM_TABLE`) and restarts the running rings in it.
+    pub(crate) fn map_memory(
+        &self,
+        regions: &[MemoryRegion],
+        files: &[File],
+    ) -> std::result::Result<(), RequestError> {
+        let table = MemoryTable::map(regions, files).map_err(RequestError::Memory)?;
+        let mut session = self.session.lock();
+        session.memory = Some(table);
+        self.apply(&mut session, true)
+    }
+
+    /// Whether the frontend negotiated `REPLY_ACK` (always offered, with
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`).
+    pub(crate) fn reply_ack(&self) -> bool {
+        self.session.lock().protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     /// Whether the device currently runs ring `index`.
     pub fn is_running(&self, index: usize) -> bool {
         self.session
@@ -390,10 +408,7 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
                 mmap_offset: r.mmap_offset,
             })
             .collect();
-        let table = MemoryTable::map(&regions, &files).map_err(RequestError::Memory)?;
-        let mut session = self.session.lock();
-        session.memory = Some(table);
-        self.apply_reply(&mut session, true)?;
+        self.map_memory(&regions, &files)?;
         Ok(None)
     }
 

@@ -8,6 +8,7 @@
 //! accepting, ends the current connection the same way and returns.
 
 use crate::backend::VhostUserBlk;
+use crate::memory::MemoryRegion;
 use disk_backend::{Disk, DiskError};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -24,6 +25,16 @@ use virtio_block::{BlockConfig, NewDeviceError};
 
 /// `VHOST_USER_SET_BACKEND_REQ_FD`.
 const SET_BACKEND_REQ_FD: u32 = 21;
+/// `VHOST_USER_SET_MEM_TABLE`.
+const SET_MEM_TABLE: u32 = 5;
+/// Header flags: the protocol version, "this is a reply", "reply with an ack".
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// The largest message body the protocol allows.
+const MAX_BODY_BYTES: usize = 0x1000;
+/// Size of one region in `SET_MEM_TABLE`: address, size, user address, file offset.
+const REGION_BYTES: usize = 32;
 /// Size of a vhost-user message header: request, flags, size.
 const HEADER_BYTES: usize = 12;
 /// The most file descriptors one vhost-user message carries.
@@ -69,7 +80,18 @@ pub enum SessionEnd {
     Stopped,
     /// The frontend sent something the backend refused, or the socket failed; the
     /// connection was closed.
-    Failed(vhost::vhost_user::Error),
+    Failed {
+        /// The code of the request being handled (`VhostUserRequest`), if one was.
+        request: Option<u32>,
+        /// Why.
+        error: vhost::vhost_user::Error,
+    },
+}
+
+impl SessionEnd {
+    fn failed(request: Option<u32>, error: vhost::vhost_user::Error) -> Self {
+        Self::Failed { request, error }
+    }
 }
 
 /// What a [`Server`] reports while it runs.
@@ -194,7 +216,7 @@ pub fn serve_connection(
             let mut requests = BackendReqHandler::from_stream(reader, handler.clone());
             session(handler, &mut requests, &stream, stop)
         }
-        Err(e) => SessionEnd::Failed(vhost::vhost_user::Error::SocketError(e)),
+        Err(e) => SessionEnd::failed(None, vhost::vhost_user::Error::SocketError(e)),
     };
     handler.reset();
     end
@@ -214,23 +236,105 @@ fn session(
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
-            Err(e) => return SessionEnd::Failed(vhost::vhost_user::Error::SocketError(e.into())),
+            Err(e) => {
+                return SessionEnd::failed(None, vhost::vhost_user::Error::SocketError(e.into()));
+            }
         }
         if fds[1].any().unwrap_or(true) {
             return SessionEnd::Stopped;
         }
-        match peek_backend_channel(stream) {
+        let request = match peek_backend_channel(stream) {
             Ok(Peek::Closed) => return SessionEnd::Closed,
-            Ok(Peek::Channel(fd)) => handler.offer_backend_channel(fd),
-            Ok(Peek::Other) => {}
-            Err(e) => return SessionEnd::Failed(vhost::vhost_user::Error::SocketError(e)),
-        }
-        match requests.handle_request() {
+            Ok(Peek::Channel(fd)) => {
+                handler.offer_backend_channel(fd);
+                Some(SET_BACKEND_REQ_FD)
+            }
+            Ok(Peek::Other(request)) => request,
+            Err(e) => return SessionEnd::failed(None, vhost::vhost_user::Error::SocketError(e)),
+        };
+        let result = if request == Some(SET_MEM_TABLE) {
+            set_mem_table(handler, stream)
+        } else {
+            requests.handle_request()
+        };
+        match result {
             Ok(()) => {}
             Err(vhost::vhost_user::Error::Disconnected) => return SessionEnd::Closed,
-            Err(e) => return SessionEnd::Failed(e),
+            Err(e) => return SessionEnd::failed(request, e),
         }
     }
+}
+
+/// Receives and answers `SET_MEM_TABLE` here rather than in the `vhost` crate, which
+/// requires the body to hold exactly the regions it counts. User-Mode Linux always sends its
+/// whole two-region structure with a count of 1 (as QEMU's own backends accept): the regions
+/// past the count are ignored.
+fn set_mem_table(handler: &VhostUserBlk, stream: &UnixStream) -> vhost::vhost_user::Result<()> {
+    use vhost::vhost_user::Error;
+    let mut header = [0u8; HEADER_BYTES];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (received, files) = {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        let message = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::SocketError(e.into()))?;
+        let mut files = Vec::new();
+        for control in message.cmsgs().map_err(|e| Error::SocketError(e.into()))? {
+            if let ControlMessageOwned::ScmRights(raw) = control {
+                files.extend(raw.into_iter().map(|fd| {
+                    // SAFETY: the kernel installed `fd` in our table for this recvmsg call
+                    // and nothing else refers to it; taking ownership closes it later.
+                    #[allow(unsafe_code)]
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    std::fs::File::from(fd)
+                }));
+            }
+        }
+        (message.bytes, files)
+    };
+    if received != HEADER_BYTES {
+        return Err(Error::PartialMessage);
+    }
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (flags, size) = (word(4), word(8) as usize);
+    if flags & 0x3 != FLAG_VERSION || !(8..=MAX_BODY_BYTES).contains(&size) {
+        return Err(Error::InvalidMessage);
+    }
+    let mut body = vec![0u8; size];
+    std::io::Read::read_exact(&mut &*stream, &mut body).map_err(|_| Error::PartialMessage)?;
+    let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+    if count == 0 || count > MAX_FDS || size < 8 + count * REGION_BYTES || files.len() != count {
+        return Err(Error::InvalidMessage);
+    }
+    let regions: Vec<MemoryRegion> = body[8..8 + count * REGION_BYTES]
+        .chunks_exact(REGION_BYTES)
+        .map(|region| {
+            let field = |i: usize| {
+                u64::from_le_bytes(region[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            };
+            MemoryRegion {
+                guest_phys_addr: field(0),
+                memory_size: field(1),
+                user_addr: field(2),
+                mmap_offset: field(3),
+            }
+        })
+        .collect();
+    let result = handler.map_memory(&regions, &files);
+    if flags & FLAG_NEED_REPLY != 0 && handler.reply_ack() {
+        let mut reply = [0u8; HEADER_BYTES + 8];
+        reply[0..4].copy_from_slice(&SET_MEM_TABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        std::io::Write::write_all(&mut &*stream, &reply).map_err(Error::SocketError)?;
+    }
+    result.map_err(Into::into)
 }
 
 enum Peek {
@@ -238,8 +342,8 @@ enum Peek {
     Closed,
     /// The next message is `SET_BACKEND_REQ_FD`; here is a duplicate of its socket.
     Channel(OwnedFd),
-    /// Anything else.
-    Other,
+    /// Anything else: the request code, if a whole header was there.
+    Other(Option<u32>),
 }
 
 /// Looks at the next message without consuming it. For `SET_BACKEND_REQ_FD`, peeking the
@@ -259,8 +363,11 @@ fn peek_backend_channel(stream: &UnixStream) -> std::io::Result<Peek> {
         return Ok(Peek::Closed);
     }
     let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    if peeked < HEADER_BYTES || code != SET_BACKEND_REQ_FD {
-        return Ok(Peek::Other);
+    if peeked < HEADER_BYTES {
+        return Ok(Peek::Other(None));
+    }
+    if code != SET_BACKEND_REQ_FD {
+        return Ok(Peek::Other(Some(code)));
     }
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut header)];
@@ -287,6 +394,6 @@ fn peek_backend_channel(stream: &UnixStream) -> std::io::Result<Peek> {
     // The vhost crate refuses the message unless it carries exactly one descriptor.
     Ok(match fds.len() {
         1 => Peek::Channel(fds.remove(0)),
-        _ => Peek::Other,
+        _ => Peek::Other(Some(code)),
     })
 }

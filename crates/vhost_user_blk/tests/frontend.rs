@@ -154,6 +154,88 @@ fn a_resize_sends_config_change_on_the_backend_channel() {
     );
 }
 
+#[test]
+fn a_memory_table_with_trailing_unused_regions_is_accepted() {
+    // User-Mode Linux sends its whole `regions[2]` array with a count of 1.
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 1);
+    fe.negotiate_features();
+    let mut message = Vec::new();
+    for word in [5u32, 0x1 | 0x8, 8 + 2 * 32, 1, 0] {
+        message.extend_from_slice(&word.to_le_bytes());
+    }
+    for value in [0, MEM_BYTES, USER_BASE, 0] {
+        message.extend_from_slice(&value.to_le_bytes());
+    }
+    message.extend_from_slice(&[0xaa; 32]);
+    let fds = [fe.memfd.as_raw_fd()];
+    sendmsg::<()>(
+        fe.raw.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    let mut reply = [0u8; 20];
+    fe.raw.read_exact(&mut reply).expect("ack");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 5);
+    assert_eq!(
+        u32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        0x1 | 0x4,
+        "a reply"
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        0,
+        "success"
+    );
+    fe.start_queue(0, 0).expect("start");
+    assert_eq!(fe.write(0, 3, &[3; 512]), blk::S_OK);
+    assert_eq!(fe.read(0, 3, 512), (blk::S_OK, vec![3; 512]));
+}
+
+#[test]
+fn a_memory_table_shorter_than_its_count_is_refused() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate_features();
+    let mut message = Vec::new();
+    // A count of 2 with one region's worth of body.
+    for word in [5u32, 0x1, 8 + 32, 2, 0] {
+        message.extend_from_slice(&word.to_le_bytes());
+    }
+    for value in [0, MEM_BYTES, USER_BASE, 0] {
+        message.extend_from_slice(&value.to_le_bytes());
+    }
+    let fds = [fe.memfd.as_raw_fd()];
+    sendmsg::<()>(
+        fe.raw.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    let end = fe.disconnect();
+    assert!(
+        matches!(
+            end,
+            SessionEnd::Failed {
+                request: Some(5),
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+}
+
 /// Each refused request gets a failure reply (REPLY_ACK), the connection ends, and the
 /// backend is left reset; nothing panics.
 fn refused(setup: impl FnOnce(&mut TestFrontend) -> vhost::Result<()>) {
@@ -163,7 +245,7 @@ fn refused(setup: impl FnOnce(&mut TestFrontend) -> vhost::Result<()>) {
     let result = setup(&mut fe);
     assert!(result.is_err(), "the backend accepted a bad request");
     let end = fe.disconnect();
-    assert!(matches!(end, SessionEnd::Failed(_)), "{end:?}");
+    assert!(matches!(end, SessionEnd::Failed { .. }), "{end:?}");
     assert!(!backend.is_running(0));
 }
 
@@ -190,7 +272,7 @@ fn unoffered_features_are_refused() {
     let offered = fe.frontend.get_features().expect("get_features");
     // Without REPLY_ACK the refusal shows as the connection closing.
     fe.frontend.set_features(offered | 1 << 27).expect("sent");
-    assert!(matches!(fe.disconnect(), SessionEnd::Failed(_)));
+    assert!(matches!(fe.disconnect(), SessionEnd::Failed { .. }));
 }
 
 #[test]
@@ -295,7 +377,7 @@ fn garbage_on_the_socket_ends_the_connection() {
     message.extend_from_slice(&[0xee; 8]);
     ours.write_all(&message).expect("write");
     let end = server.join().expect("no panic");
-    assert!(matches!(end, SessionEnd::Failed(_)), "{end:?}");
+    assert!(matches!(end, SessionEnd::Failed { .. }), "{end:?}");
 }
 
 #[test]

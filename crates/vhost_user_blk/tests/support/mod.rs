@@ -56,6 +56,8 @@ pub struct TestFrontend {
     next_data: u64,
     pub server: Option<JoinHandle<SessionEnd>>,
     pub stop: UnixStream,
+    /// The frontend's socket, for messages the `vhost` crate's frontend cannot send.
+    pub raw: UnixStream,
 }
 
 /// Guest memory as a memfd, mapped on our side too.
@@ -81,6 +83,7 @@ impl TestFrontend {
             std::thread::spawn(move || serve_connection(&handler, theirs, stop_reader.as_fd()));
         let (memfd, mem) = guest_memory();
         Self {
+            raw: ours.try_clone().expect("clone"),
             frontend: Frontend::from_stream(ours, frontend_queues),
             mem,
             memfd,
@@ -97,6 +100,7 @@ impl TestFrontend {
         let (stop, _) = UnixStream::pair().expect("socketpair");
         let (memfd, mem) = guest_memory();
         Self {
+            raw: stream.try_clone().expect("clone"),
             frontend: Frontend::from_stream(stream, 1),
             mem,
             memfd,
@@ -111,6 +115,12 @@ impl TestFrontend {
     /// Negotiates as QEMU does: features, protocol features with REPLY_ACK (so that every
     /// refusal comes back as an error), the backend channel, the memory table.
     pub fn negotiate(&mut self) {
+        self.negotiate_features();
+        self.set_mem_table().expect("set_mem_table");
+    }
+
+    /// Everything [`negotiate`](Self::negotiate) does but the memory table.
+    pub fn negotiate_features(&mut self) {
         let fe = &mut self.frontend;
         fe.set_owner().expect("set_owner");
         let offered = fe.get_features().expect("get_features");
@@ -134,7 +144,6 @@ impl TestFrontend {
         fe.set_backend_request_fd(&theirs)
             .expect("set_backend_request_fd");
         self.channel = Some(ours);
-        self.set_mem_table().expect("set_mem_table");
     }
 
     pub fn set_mem_table(&self) -> vhost::Result<Option<Vec<u64>>> {
@@ -341,7 +350,18 @@ impl TestFrontend {
     /// Closes the connection and returns how the server saw it end.
     pub fn disconnect(mut self) -> SessionEnd {
         let server = self.server.take().expect("server thread");
-        drop(self);
-        server.join().expect("server thread")
+        // Close both handles on the connection, but keep the stop channel open until the
+        // server has seen the connection end (its closing would read as a stop).
+        let Self {
+            frontend,
+            raw,
+            stop,
+            ..
+        } = self;
+        drop(frontend);
+        drop(raw);
+        let end = server.join().expect("server thread");
+        drop(stop);
+        end
     }
 }
