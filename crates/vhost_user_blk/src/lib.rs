@@ -36,8 +36,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-// One `unsafe` block: taking ownership of the file descriptors `recvmsg` installs (see
-// `server.rs`). Everything else goes through safe wrappers.
+// `unsafe` is denied except where the server takes ownership of the file descriptors
+// `recvmsg` installs (two blocks in `server.rs`), which no safe wrapper returns owned.
+// Everything else goes through safe wrappers.
 #![deny(unsafe_code)]
 
 mod backend;
