@@ -2,13 +2,18 @@
 //! export through its own virtio_blk driver, and checks the disk from inside.
 //!
 //! The harness builds a busybox initramfs holding `virtio_blk.ko`, fio and e2fsprogs (with
-//! the libraries `ldd` lists), starts an export on a Unix socket, boots
+//! the libraries `ldd` lists), starts an export on a Unix socket (`diskctl serve` on one of
+//! several stacks, or qemu-storage-daemon, the reference), boots
 //! `linux.uml ... virtio_uml.device=SOCKET:2`, and reads the verdict the guest prints on its
-//! console (`guest_init.sh`). A guest that hangs is killed at the timeout and fails.
+//! console (`guest_init.sh`). Some guest lines ask the host to act while the guest waits:
+//! `GUEST-FILE-CHECK` (compare a region of the backing file with what the guest wrote) and
+//! `GUEST-RESIZE-READY` (grow the backing file). A guest that hangs is killed at the timeout
+//! and fails.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -16,6 +21,10 @@ type Result<T = ()> = std::result::Result<T, String>;
 const GUEST_INIT: &str = include_str!("guest_init.sh");
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const DISK_BYTES: u64 = 64 << 20;
+/// What the resize check grows the disk to.
+const RESIZED_BYTES: u64 = 96 << 20;
+/// How long a stopped export may take to drain and flush.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Binaries copied into the guest, with their libraries.
 const GUEST_BINARIES: &[&str] = &[
@@ -152,15 +161,31 @@ fn build_initramfs(dir: &Path) -> Result<PathBuf> {
     Ok(image)
 }
 
-/// An export serving a disk image over vhost-user-blk, stopped on drop.
+/// What serves the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportKind {
+    /// `diskctl serve --vhost-user`: the export under test.
+    Diskctl,
+    /// qemu-storage-daemon: the reference the harness itself was checked against.
+    Qsd,
+}
+
+/// An export serving a disk over vhost-user-blk, stopped on drop.
 struct Export {
     child: Child,
     socket: PathBuf,
+    kind: ExportKind,
+    log: PathBuf,
 }
 
 impl Export {
-    /// qemu-storage-daemon serving `image`: the reference export.
-    fn qemu_storage_daemon(image: &Path, socket: &Path, read_only: bool) -> Result<Self> {
+    /// qemu-storage-daemon serving `image` from the page cache.
+    pub fn qemu_storage_daemon(
+        image: &Path,
+        socket: &Path,
+        read_only: bool,
+        log: &Path,
+    ) -> Result<Self> {
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", image.display()))
@@ -171,30 +196,102 @@ impl Export {
                 if read_only { "off" } else { "on" }
             ))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log_file(log)?)
             .spawn()
             .map_err(|e| format!("cannot start qemu-storage-daemon: {e}"))?;
-        let export = Self {
-            child,
-            socket: socket.to_owned(),
-        };
-        export.wait_for_socket()?;
-        Ok(export)
+        Self::started(child, socket, ExportKind::Qsd, log)
     }
 
-    fn wait_for_socket(&self) -> Result {
+    /// `diskctl serve` (the binary at `diskctl`) serving `spec`.
+    pub fn diskctl(
+        diskctl: &Path,
+        spec: &str,
+        socket: &Path,
+        read_only: bool,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut command = Command::new(diskctl);
+        command
+            .args(["serve", "--vhost-user"])
+            .arg(socket)
+            .arg(spec);
+        if read_only {
+            command.arg("--read-only");
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(log_file(log)?)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", diskctl.display()))?;
+        Self::started(child, socket, ExportKind::Diskctl, log)
+    }
+
+    fn started(child: Child, socket: &Path, kind: ExportKind, log: &Path) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let mut export = Self {
+            child,
+            socket: socket.to_owned(),
+            kind,
+            log: log.to_owned(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.socket.exists() {
+        while !export.socket.exists() {
+            if let Ok(Some(status)) = export.child.try_wait() {
+                return Err(format!(
+                    "the export exited ({status}): {}",
+                    export.log_text()
+                ));
+            }
             if Instant::now() > deadline {
                 return Err(format!(
                     "the export never created {}",
-                    self.socket.display()
+                    export.socket.display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        Ok(export)
     }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .trim()
+            .replace('\n', " | ")
+    }
+
+    /// Stops the export as an operator would (SIGTERM) and checks that it drains, flushes
+    /// and exits 0 in time.
+    fn stop(mut self) -> Result {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "the export exited with {status} on SIGTERM: {}",
+                        self.log_text()
+                    ));
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    return Err(format!(
+                        "the export did not stop within {} s of SIGTERM",
+                        STOP_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl Drop for Export {
@@ -205,15 +302,79 @@ impl Drop for Export {
     }
 }
 
-/// What the guest reported.
-struct Verdict {
-    passed: bool,
-    checks: Vec<String>,
+/// What the guest reported, with the host's own checks mixed in.
+pub struct Verdict {
+    pub passed: bool,
+    pub checks: Vec<String>,
+}
+
+/// What the host does when the guest asks while it waits.
+#[derive(Default)]
+pub struct HostSide {
+    /// The backing file a `GUEST-FILE-CHECK` is compared against.
+    pub file_check: Option<PathBuf>,
+    /// The backing file a `GUEST-RESIZE-READY` grows, and to what size.
+    pub resize: Option<(PathBuf, u64)>,
+}
+
+impl HostSide {
+    /// Acts on a guest line; returns a `HOST-CHECK` line for the verdict.
+    fn on_line(&self, line: &str) -> Option<String> {
+        if let Some(rest) = line.strip_prefix("GUEST-FILE-CHECK ") {
+            let path = self.file_check.as_ref()?;
+            return Some(match file_check(path, rest) {
+                Ok(()) => "HOST-CHECK flush-reached-file ok".into(),
+                Err(e) => format!("HOST-CHECK flush-reached-file FAIL: {e}"),
+            });
+        }
+        if line == "GUEST-RESIZE-READY" {
+            let (path, bytes) = self.resize.as_ref()?;
+            let grown = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(*bytes));
+            return Some(match grown {
+                Ok(()) => format!("HOST-CHECK grew-backing-file ok ({} MiB)", bytes >> 20),
+                Err(e) => format!("HOST-CHECK grew-backing-file FAIL: {e}"),
+            });
+        }
+        None
+    }
+}
+
+/// Compares `len` bytes at `offset` of `path` with the md5 the guest printed.
+fn file_check(path: &Path, fields: &str) -> Result {
+    let field = |name: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .ok_or_else(|| format!("no {name} in `{fields}`"))
+    };
+    let offset: u64 = field("offset")?.parse().map_err(|_| "bad offset")?;
+    let len: u64 = field("len")?.parse().map_err(|_| "bad len")?;
+    let md5 = field("md5")?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dd if='{}' bs=4096 skip={} count={} status=none | md5sum",
+            path.display(),
+            offset / 4096,
+            len / 4096
+        ))
+        .output()
+        .map_err(|e| format!("md5sum: {e}"))?;
+    let host = String::from_utf8_lossy(&out.stdout);
+    let host = host.split_whitespace().next().unwrap_or_default();
+    if host == md5 {
+        Ok(())
+    } else {
+        Err(format!("the file holds {host}, the guest wrote {md5}"))
+    }
 }
 
 /// Boots the guest against `socket` and returns its verdict. The guest and its helper
 /// processes run in a process group of their own, killed at the timeout.
-fn boot(initramfs: &Path, socket: &Path, expect: &str) -> Result<Verdict> {
+pub fn boot(initramfs: &Path, socket: &Path, expect: &str, host: &HostSide) -> Result<Verdict> {
     use std::os::unix::process::CommandExt;
     let mut child = Command::new("linux.uml")
         .args([
@@ -231,15 +392,30 @@ fn boot(initramfs: &Path, socket: &Path, expect: &str) -> Result<Verdict> {
         .spawn()
         .map_err(|e| format!("cannot start linux.uml: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
+    let (sender, lines) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        BufReader::new(stdout)
+        for line in BufReader::new(stdout)
             .lines()
             .map_while(std::result::Result::ok)
-            .filter(|line| line.starts_with("GUEST-"))
-            .collect::<Vec<String>>()
+        {
+            if line.starts_with("GUEST-") && sender.send(line).is_err() {
+                break;
+            }
+        }
     });
     let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut checks = Vec::new();
     let finished = loop {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let reply = host.on_line(&line);
+                checks.push(line);
+                checks.extend(reply);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
         if child
             .try_wait()
             .map_err(|e| format!("linux.uml: {e}"))?
@@ -250,7 +426,6 @@ fn boot(initramfs: &Path, socket: &Path, expect: &str) -> Result<Verdict> {
         if Instant::now() > deadline {
             break false;
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
     // UML leaves helper processes in the group; end them all.
     let _ = Command::new("kill")
@@ -258,80 +433,311 @@ fn boot(initramfs: &Path, socket: &Path, expect: &str) -> Result<Verdict> {
         .stderr(Stdio::null())
         .status();
     let _ = child.wait();
-    let lines = reader.join().unwrap_or_default();
+    let _ = reader.join();
+    while let Ok(line) = lines.try_recv() {
+        let reply = host.on_line(&line);
+        checks.push(line);
+        checks.extend(reply);
+    }
     if !finished {
         return Err(format!(
-            "the guest hung and was killed after {} s; it said: {lines:?}",
+            "the guest hung and was killed after {} s; it said: {checks:?}",
             BOOT_TIMEOUT.as_secs()
         ));
     }
-    let passed = lines.iter().any(|l| l == "GUEST-RESULT PASS");
-    if !passed && !lines.iter().any(|l| l.starts_with("GUEST-RESULT")) {
+    let guest_passed = checks.iter().any(|l| l == "GUEST-RESULT PASS");
+    if !guest_passed && !checks.iter().any(|l| l.starts_with("GUEST-RESULT")) {
         return Err(format!(
-            "the guest stopped without a verdict; it said: {lines:?}"
+            "the guest stopped without a verdict; it said: {checks:?}"
         ));
     }
+    let host_failed = checks
+        .iter()
+        .any(|l| l.starts_with("HOST-CHECK") && l.contains(" FAIL"));
     Ok(Verdict {
-        passed,
-        checks: lines,
+        passed: guest_passed && !host_failed,
+        checks,
     })
 }
 
-/// Runs the guest checks against each export and stack, printing every check.
-pub fn guest_test(args: &[String]) -> Result {
-    let export = match args {
-        [] => "qsd",
-        [flag, value] if flag == "--export" => value.as_str(),
-        _ => return Err("usage: cargo xtask guest-test [--export qsd]".into()),
-    };
-    if export != "qsd" {
-        return Err(format!(
-            "unknown export `{export}`: this build has only `qsd` (qemu-storage-daemon, the reference the harness is checked against)"
-        ));
+/// One export of one stack, and what the guest should find.
+struct Case {
+    name: &'static str,
+    kind: ExportKind,
+    /// The spec for diskctl; for qemu-storage-daemon, the image is `images[0]`.
+    spec: String,
+    /// Files to create (path, bytes) before the export starts.
+    images: Vec<(PathBuf, u64)>,
+    read_only: bool,
+    /// Size in 512-byte sectors and logical block size the guest must see.
+    sectors: u64,
+    lbs: u32,
+    host: HostSide,
+    /// After the guest: this file must still be all zeros (an overlay must not write through).
+    untouched: Option<PathBuf>,
+}
+
+impl Case {
+    fn expect(&self) -> String {
+        let mut expect = format!(
+            "guest.sectors={} guest.lbs={} guest.ro={}",
+            self.sectors,
+            self.lbs,
+            u8::from(self.read_only)
+        );
+        if self.host.file_check.is_some() {
+            expect.push_str(" guest.filecheck=1");
+        }
+        if let Some((_, bytes)) = &self.host.resize {
+            expect.push_str(&format!(" guest.resize={}", bytes / 512));
+        }
+        expect
     }
-    ensure_packages(true)?;
+}
+
+/// The stacks the guest checks on each export.
+fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
+    let img = |name: &str| dir.join(format!("{name}.img"));
+    let sectors = DISK_BYTES / 512;
+    if kind == ExportKind::Qsd {
+        return Ok([("qsd-file", false), ("qsd-file-read-only", true)]
+            .into_iter()
+            .map(|(name, read_only)| Case {
+                name,
+                kind,
+                spec: String::new(),
+                images: vec![(img(name), DISK_BYTES)],
+                read_only,
+                sectors,
+                lbs: 512,
+                host: HostSide::default(),
+                untouched: None,
+            })
+            .collect());
+    }
+    let key = dir.join("crypt.key");
+    // 64 bytes whose halves differ, as XTS requires.
+    let key_bytes: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    std::fs::write(&key, key_bytes).map_err(|e| format!("{}: {e}", key.display()))?;
+    let (file, four_k, base, a, b) = (
+        img("file"),
+        img("file-4k"),
+        img("base"),
+        img("stripe-a"),
+        img("stripe-b"),
+    );
+    Ok(vec![
+        Case {
+            name: "file",
+            kind,
+            spec: format!("file:{}", file.display()),
+            images: vec![(file.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide {
+                file_check: Some(file.clone()),
+                resize: Some((file, RESIZED_BYTES)),
+            },
+            untouched: None,
+        },
+        Case {
+            name: "file-read-only",
+            kind,
+            spec: format!("file:{}", img("file-ro").display()),
+            images: vec![(img("file-ro"), DISK_BYTES)],
+            read_only: true,
+            sectors,
+            lbs: 512,
+            host: HostSide::default(),
+            untouched: None,
+        },
+        Case {
+            name: "file-4k-sectors",
+            kind,
+            spec: format!("file({}, sector_size=4096)", four_k.display()),
+            images: vec![(four_k.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 4096,
+            host: HostSide {
+                file_check: Some(four_k),
+                resize: None,
+            },
+            untouched: None,
+        },
+        Case {
+            name: "ram-over-file",
+            kind,
+            spec: format!("layered(ram, file:{}:ro)", base.display()),
+            images: vec![(base.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide::default(),
+            untouched: Some(base),
+        },
+        Case {
+            name: "crypt-over-striped",
+            kind,
+            spec: format!(
+                "crypt(striped(file:{}, file:{}, chunk=64k), key=@{})",
+                a.display(),
+                b.display(),
+                key.display()
+            ),
+            images: vec![(a, DISK_BYTES / 2), (b, DISK_BYTES / 2)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide::default(),
+            untouched: None,
+        },
+    ])
+}
+
+/// Builds `diskctl` and returns the binary's path.
+pub fn build_diskctl(release: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(["build", "--locked", "-p", "diskctl"]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command.status().map_err(|e| format!("cargo build: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build -p diskctl failed ({status})"));
+    }
+    let dir = std::env::current_dir().map_err(|e| e.to_string())?;
+    Ok(dir.join(if release {
+        "target/release/diskctl"
+    } else {
+        "target/debug/diskctl"
+    }))
+}
+
+/// The harness's scratch directory, `target/guest`.
+pub fn guest_dir() -> Result<PathBuf> {
     let dir = std::env::current_dir()
         .map_err(|e| e.to_string())?
         .join("target/guest");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Creates (or empties) the image files of a case.
+fn create_images(images: &[(PathBuf, u64)]) -> Result {
+    for (path, bytes) in images {
+        let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.set_len(*bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn all_zeros(path: &Path) -> Result {
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let out = Command::new("cmp")
+        .args(["-n", &len.to_string()])
+        .arg(path)
+        .arg("/dev/zero")
+        .output()
+        .map_err(|e| format!("cmp: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+fn run_case(case: &Case, initramfs: &Path, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
+    create_images(&case.images)?;
+    let socket = dir.join(format!("{}.sock", case.name));
+    let log = dir.join(format!("{}.log", case.name));
+    let export = match case.kind {
+        ExportKind::Qsd => {
+            Export::qemu_storage_daemon(&case.images[0].0, &socket, case.read_only, &log)?
+        }
+        ExportKind::Diskctl => Export::diskctl(
+            diskctl.ok_or("no diskctl binary")?,
+            &case.spec,
+            &socket,
+            case.read_only,
+            &log,
+        )?,
+    };
+    let verdict = boot(initramfs, &export.socket, &case.expect(), &case.host);
+    let kind = export.kind;
+    let log_text = export.log_text();
+    let stopped = export.stop();
+    let mut verdict = verdict.map_err(|e| format!("{e}; export log: {log_text}"))?;
+    if kind == ExportKind::Diskctl {
+        verdict.checks.push(match &stopped {
+            Ok(()) => "HOST-CHECK export-stops-cleanly ok".into(),
+            Err(e) => format!("HOST-CHECK export-stops-cleanly FAIL: {e}"),
+        });
+        verdict.passed &= stopped.is_ok();
+    }
+    if let Some(base) = &case.untouched {
+        let result = all_zeros(base);
+        verdict.checks.push(match &result {
+            Ok(()) => "HOST-CHECK base-untouched ok".into(),
+            Err(e) => format!("HOST-CHECK base-untouched FAIL: {e}"),
+        });
+        verdict.passed &= result.is_ok();
+    }
+    if !verdict.passed {
+        verdict.checks.push(format!("export log: {log_text}"));
+    }
+    Ok(verdict)
+}
+
+/// Runs the guest checks against each stack, printing every check.
+pub fn guest_test(args: &[String]) -> Result {
+    let kind = match args {
+        [] => ExportKind::Diskctl,
+        [flag, value] if flag == "--export" && value == "diskctl" => ExportKind::Diskctl,
+        [flag, value] if flag == "--export" && value == "qsd" => ExportKind::Qsd,
+        _ => return Err("usage: cargo xtask guest-test [--export diskctl|qsd]".into()),
+    };
+    ensure_packages(kind == ExportKind::Qsd)?;
+    let diskctl = match kind {
+        ExportKind::Diskctl => Some(build_diskctl(false)?),
+        ExportKind::Qsd => None,
+    };
+    let dir = guest_dir()?;
     let initramfs = build_initramfs(&dir)?;
     let mut failures = Vec::new();
-    for (name, read_only) in [("qsd-file", false), ("qsd-file-read-only", true)] {
-        let image = dir.join(format!("{name}.img"));
-        let file =
-            std::fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
-        file.set_len(DISK_BYTES).map_err(|e| e.to_string())?;
-        let socket = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let export = Export::qemu_storage_daemon(&image, &socket, read_only)?;
-        let expect = format!(
-            "guest.sectors={} guest.lbs=512 guest.ro={}",
-            DISK_BYTES / 512,
-            u8::from(read_only)
-        );
+    for case in cases(kind, &dir)? {
         let started = Instant::now();
-        let verdict = boot(&initramfs, &export.socket, &expect);
-        drop(export);
-        match verdict {
+        match run_case(&case, &initramfs, diskctl.as_deref(), &dir) {
             Ok(verdict) => {
                 for check in &verdict.checks {
-                    eprintln!("xtask: guest {name}: {check}");
+                    eprintln!("xtask: guest {}: {check}", case.name);
                 }
                 eprintln!(
-                    "xtask: guest {name}: {:.1} s",
+                    "xtask: guest {}: {} in {:.1} s",
+                    case.name,
+                    if verdict.passed { "passed" } else { "FAILED" },
                     started.elapsed().as_secs_f64()
                 );
                 if !verdict.passed {
-                    failures.push(name);
+                    failures.push(case.name);
                 }
             }
             Err(e) => {
-                eprintln!("xtask: guest {name}: {e}");
-                failures.push(name);
+                eprintln!("xtask: guest {}: {e}", case.name);
+                failures.push(case.name);
             }
+        }
+        for (path, _) in &case.images {
+            let _ = std::fs::remove_file(path);
         }
     }
     if failures.is_empty() {
+        eprintln!("xtask: guest-test passed");
         Ok(())
     } else {
         Err(format!("guest checks failed: {}", failures.join(", ")))

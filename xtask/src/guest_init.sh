@@ -12,6 +12,8 @@ arg() { sed -n "s/.*guest\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 EXPECT_SECTORS=$(arg sectors)
 EXPECT_LBS=$(arg lbs)
 EXPECT_RO=$(arg ro)
+FILECHECK=$(arg filecheck)
+RESIZE=$(arg resize)
 FAILED=0
 check() { # name, command...
     name=$1; shift
@@ -56,6 +58,22 @@ else
     check fs-roundtrip sh -c "test \"\$(md5sum /mnt/data | cut -d' ' -f1)\" = $SUM"
     umount /mnt
     check fsck-after e2fsck -fn /dev/vda
+    if [ "$FILECHECK" = 1 ]; then
+        # A pattern written with direct I/O and flushed (conv=fsync) must be in the backing
+        # file at the same offset: the host compares while the export still runs.
+        dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
+        check flush-write dd if=/tmp/pattern of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync
+        echo "GUEST-FILE-CHECK offset=8388608 len=1048576 md5=$(md5sum /tmp/pattern | cut -d' ' -f1)"
+    fi
+fi
+
+if [ -n "$RESIZE" ]; then
+    # The host grows the disk when it reads this line; the new size must reach the driver
+    # (a configuration-change notification) without any action in here.
+    echo "GUEST-RESIZE-READY"
+    i=0; while [ "$(cat /sys/block/vda/size)" != "$RESIZE" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+    check resize test "$(cat /sys/block/vda/size)" = "$RESIZE"
+    check resize-read-end dd if=/dev/vda of=/dev/null bs=512 skip=$((RESIZE - 1)) count=1
 fi
 
 if [ $FAILED = 0 ]; then echo "GUEST-RESULT PASS"; else echo "GUEST-RESULT FAIL"; fi

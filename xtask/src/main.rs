@@ -29,10 +29,11 @@ verbs:
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
-  guest-test [--export qsd]
+  guest-test [--export diskctl|qsd]
                       boot a real Linux guest (User-Mode Linux) against a vhost-user-blk
                       export and check the disk from inside (installs the Debian packages
-                      it needs when root); today the export is qemu-storage-daemon
+                      it needs when root): diskctl serve on several stacks (default),
+                      or qemu-storage-daemon, the reference
   run [ARGS]          the main job: diskctl bench on a built-in default
   help                this text
 ";

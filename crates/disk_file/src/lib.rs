@@ -11,7 +11,10 @@
 //! - unmap punches holes (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`) where the file system
 //!   supports it, so unmapped sectors read as zeros ([`UnmapBehavior::Zeroes`]); where it does
 //!   not (probed at open) unmap is [`UnmapBehavior::Ignored`];
-//! - the size is fixed at open and nothing is ever written past it, so the file never grows;
+//! - the size is the file's at open and nothing is ever written past it, so the file never
+//!   grows by itself; [`wait_resize`](DiskIo::wait_resize) watches the file (every
+//!   [`RESIZE_POLL`]) and picks up a size another process gave it (`truncate -s`), which is how
+//!   a frontend learns about a resize;
 //! - a file opened read-only refuses writes and unmaps with [`DiskError::ReadOnly`].
 //!
 //! Linux only (it relies on `pwritev2` and `fallocate`).
@@ -40,7 +43,13 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use thiserror::Error;
+
+/// How often [`wait_resize`](DiskIo::wait_resize) looks at the file's size. Only a waiting
+/// frontend pays for it (one `lseek` per interval).
+pub const RESIZE_POLL: Duration = Duration::from_millis(200);
 
 /// How to open a [`FileDisk`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +110,8 @@ pub struct FileDisk {
     sector_size: u32,
     sector_shift: u32,
     physical_sector_size: u32,
-    sector_count: u64,
+    /// Changes only when `wait_resize` finds the file resized.
+    sector_count: AtomicU64,
     read_only: bool,
     unmap_behavior: UnmapBehavior,
 }
@@ -151,7 +161,7 @@ impl FileDisk {
             sector_size,
             sector_shift: sector_size.trailing_zeros(),
             physical_sector_size,
-            sector_count,
+            sector_count: AtomicU64::new(sector_count),
             read_only: options.read_only,
             unmap_behavior,
         })
@@ -159,6 +169,18 @@ impl FileDisk {
 
     fn byte_offset(&self, sector: u64) -> u64 {
         sector << self.sector_shift
+    }
+
+    /// Reads the file's size again and returns the sector count it gives. A file that
+    /// cannot be measured, or shrank below one sector, keeps the last size.
+    fn refresh_size(&self) -> u64 {
+        if let Ok(size) = sys::file_size(&self.file) {
+            let sectors = size.min(i64::MAX as u64) >> self.sector_shift;
+            if sectors > 0 {
+                self.sector_count.store(sectors, Ordering::Relaxed);
+            }
+        }
+        self.sector_count.load(Ordering::Relaxed)
     }
 }
 
@@ -168,7 +190,7 @@ impl DiskIo for FileDisk {
     }
 
     fn sector_count(&self) -> u64 {
-        self.sector_count
+        self.sector_count.load(Ordering::Relaxed)
     }
 
     fn sector_size(&self) -> u32 {
@@ -259,5 +281,15 @@ impl DiskIo for FileDisk {
 
     fn unmap_behavior(&self) -> UnmapBehavior {
         self.unmap_behavior
+    }
+
+    async fn wait_resize(&self, sector_count: u64) -> u64 {
+        loop {
+            let current = self.refresh_size();
+            if current != sector_count {
+                return current;
+            }
+            futures_timer::Delay::new(RESIZE_POLL).await;
+        }
     }
 }

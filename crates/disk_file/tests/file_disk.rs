@@ -152,3 +152,29 @@ fn blocking_adapter_read_modify_write() {
     assert!(blocking.seek(SeekFrom::Current(-100_000)).is_err());
     blocking.flush().unwrap();
 }
+
+#[test]
+fn wait_resize_follows_the_file_growing_and_shrinking() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+    let disk =
+        Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
+    assert_eq!(disk.sector_count(), 2048);
+    let waiter = std::thread::spawn({
+        let disk = disk.clone();
+        move || block_on(disk.wait_resize(2048))
+    });
+    // Grown by someone else, as `truncate -s` does.
+    file.as_file().set_len(2 << 20).unwrap();
+    assert_eq!(waiter.join().unwrap(), 4096);
+    assert_eq!(disk.sector_count(), 4096);
+    let data = OwnedRequestBuffers::new(512);
+    data.copy_from_slice(&[7; 512]);
+    block_on(disk.write_vectored(&data.buffers(false), 4095, false)).unwrap();
+    file.as_file().set_len(1 << 19).unwrap();
+    assert_eq!(block_on(disk.wait_resize(4096)), 1024);
+    assert!(matches!(
+        block_on(disk.read_vectored(&data.buffers(true), 1024)),
+        Err(DiskError::IllegalBlock)
+    ));
+}

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod info;
+mod serve;
 mod stack;
 mod workload;
 
@@ -15,9 +16,11 @@ use disk_backend::resolve::parse_size;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use virtio_block::BlockConfig;
 use workload::{Config, Pattern, Progress};
 
 #[derive(Parser)]
@@ -44,6 +47,26 @@ enum Command {
     Bench(Box<BenchArgs>),
     /// List the kinds of disk a spec can use.
     Kinds,
+    /// Serve the stack to a VMM over vhost-user-blk until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Listen on this Unix socket for a vhost-user frontend (QEMU, User-Mode Linux, ...).
+    #[arg(long = "vhost-user", value_name = "SOCKET")]
+    vhost_user: PathBuf,
+    /// The stack (default: a temporary 256 MiB file).
+    spec: Option<String>,
+    /// Request queues offered to the guest.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Entries per queue: a power of two from 4 to 32768.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Present the disk read-only, whatever the stack allows.
+    #[arg(long)]
+    read_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -91,6 +114,16 @@ fn main() -> ExitCode {
         Command::Kinds => stack::resolver()
             .kinds()
             .try_for_each(|(kind, usage)| emit(format!("{kind:<10} {usage}"))),
+        Command::Serve(args) => serve::serve(
+            &args.vhost_user,
+            args.spec.as_deref(),
+            BlockConfig {
+                num_queues: args.queues,
+                queue_size: args.queue_size,
+                read_only: args.read_only,
+                ..BlockConfig::default()
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -336,3 +336,78 @@ fn crypt_over_striped_and_delay() {
         "crypt/striped[1]/file[2]: cannot open the file",
     );
 }
+
+#[test]
+fn serve_bad_input_is_one_line_and_fails() {
+    let img = image(1 << 20);
+    let path = img.path().to_str().unwrap();
+    let spec = format!("file:{path}");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let socket = socket.to_str().unwrap();
+    fails(
+        &["serve", "--vhost-user", "/nonexistent/dir/blk.sock", &spec],
+        "cannot listen on /nonexistent/dir/blk.sock",
+    );
+    fails(
+        &["serve", "--vhost-user", socket, &spec, "--queues", "0"],
+        "at least one queue",
+    );
+    fails(
+        &[
+            "serve",
+            "--vhost-user",
+            socket,
+            &spec,
+            "--queue-size",
+            "100",
+        ],
+        "queue size 100",
+    );
+    // A regular file in the way is not replaced.
+    fails(&["serve", "--vhost-user", path, &spec], "is not a socket");
+    fails(
+        &["serve", "--vhost-user", socket, "file:/nonexistent.img"],
+        "cannot open",
+    );
+    let usage = diskctl(&["serve", &spec]);
+    assert_eq!(usage.status.code(), Some(2), "--vhost-user is required");
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let img = image(1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diskctl"))
+        .args(["serve", "--vhost-user", socket.to_str().unwrap()])
+        .arg(format!("file:{}", img.path().display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("serving file("), "{first}");
+    assert!(socket.exists());
+    // A frontend that connects and goes away does not end the server.
+    drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "diskctl: frontend connected"
+    );
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "diskctl: frontend disconnected"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{status}: {rest:?}");
+    assert_eq!(rest, ["diskctl: stopped, disk flushed"]);
+    assert!(!socket.exists(), "the socket is removed");
+}

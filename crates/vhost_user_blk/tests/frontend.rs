@@ -1,0 +1,459 @@
+//! The backend driven by the `vhost` crate's frontend over a socket pair, the way a VMM
+//! drives it: negotiation, rings, requests, resize notification, refusals, reconnects and a
+//! clean stop.
+
+mod support;
+
+use disk_backend::Disk;
+use disk_ram::RamDisk;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+use support::{MEM_BYTES, QUEUE_SIZE, TestFrontend, USER_BASE, ring_base};
+use vhost::VhostBackend;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_blk::{Server, SessionEnd, VhostUserBlk};
+use virtio_block::BlockConfig;
+use virtio_block::spec::blk;
+
+fn ram_backend(sectors: u64, queues: u16) -> Arc<VhostUserBlk> {
+    let disk = Disk::new(RamDisk::new(sectors, 512).expect("ram disk")).expect("disk");
+    let config = BlockConfig {
+        num_queues: queues,
+        queue_size: QUEUE_SIZE,
+        ..BlockConfig::default()
+    };
+    Arc::new(VhostUserBlk::new(disk, config).expect("backend"))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn requests_round_trip_through_translated_rings() {
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 1);
+    fe.negotiate();
+    assert_eq!(fe.capacity(), 2048);
+    fe.start_queue(0, 0).expect("start queue 0");
+    assert!(backend.is_running(0));
+    let data = pattern(1, 4096);
+    assert_eq!(fe.write(0, 8, &data), blk::S_OK);
+    assert_eq!(fe.read(0, 8, 4096), (blk::S_OK, data));
+    assert_eq!(fe.flush(0), blk::S_OK);
+    // Past the end: the device core's validation answers, not a crash.
+    assert_eq!(fe.read(0, 2048, 512).0, blk::S_IOERR);
+    assert!(matches!(fe.disconnect(), SessionEnd::Closed));
+    assert!(!backend.is_running(0), "a disconnect resets the device");
+}
+
+#[test]
+fn every_queue_serves_requests() {
+    let backend = ram_backend(2048, 4);
+    let mut fe = TestFrontend::connect(backend.clone(), 4);
+    fe.negotiate();
+    assert_eq!(fe.frontend.get_queue_num().expect("get_queue_num"), 4);
+    let config = fe.config(60).expect("get_config");
+    assert_eq!(
+        u16::from_le_bytes([config[0x22], config[0x23]]),
+        4,
+        "num_queues"
+    );
+    for q in 0..4 {
+        fe.start_queue(q, 0).expect("start queue");
+    }
+    for q in 0..4u16 {
+        let data = pattern(q as u8, 1024);
+        assert_eq!(fe.write(q, u64::from(q) * 16, &data), blk::S_OK);
+    }
+    for q in 0..4u16 {
+        // Read each queue's data back through another queue.
+        let (status, data) = fe.read((q + 1) % 4, u64::from(q) * 16, 1024);
+        assert_eq!((status, data), (blk::S_OK, pattern(q as u8, 1024)));
+    }
+}
+
+#[test]
+fn get_vring_base_stops_the_ring_and_it_resumes_from_there() {
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 1);
+    fe.negotiate();
+    fe.start_queue(0, 0).expect("start");
+    for i in 0..3 {
+        assert_eq!(fe.write(0, i, &[i as u8; 512]), blk::S_OK);
+    }
+    assert_eq!(fe.frontend.get_vring_base(0).expect("get_vring_base"), 3);
+    assert!(!backend.is_running(0));
+    // A request posted while stopped is not served...
+    let (status, _) = fe.post(0, blk::T_IN, 0, &[], 512);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(fe.mem.read_plain::<u8>(status).expect("status"), 0xff);
+    // ...until the ring is started again (from index 3, where the frontend's view is; its
+    // own avail index is already 4), which picks the posted request up at once.
+    let q = &mut fe.queues[0];
+    let (avail, last_used) = (q.avail_idx, q.last_used);
+    assert_eq!((avail, last_used), (4, 3));
+    fe.frontend.set_vring_base(0, 3).expect("set_vring_base");
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+    fe.frontend
+        .set_vring_kick(0, &kick)
+        .expect("set_vring_kick");
+    fe.queues[0].kick = kick;
+    assert!(backend.is_running(0));
+    fe.wait_used(0);
+    assert_eq!(fe.mem.read_plain::<u8>(status).expect("status"), blk::S_OK);
+    assert_eq!(fe.read(0, 2, 512), (blk::S_OK, vec![2; 512]));
+}
+
+#[test]
+fn a_resize_sends_config_change_on_the_backend_channel() {
+    let ram = Arc::new(RamDisk::new(2048, 512).expect("ram disk"));
+    let disk = Disk::new(ram.clone()).expect("disk");
+    let config = BlockConfig {
+        queue_size: QUEUE_SIZE,
+        ..BlockConfig::default()
+    };
+    let backend = Arc::new(VhostUserBlk::new(disk, config).expect("backend"));
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate();
+    fe.start_queue(0, 0).expect("start");
+    assert_eq!(fe.capacity(), 2048);
+    ram.resize(4096).expect("resize");
+    let mut channel = fe.channel.take().expect("backend channel");
+    channel
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut header = [0u8; 12];
+    channel.read_exact(&mut header).expect("CONFIG_CHANGE_MSG");
+    assert_eq!(
+        u32::from_le_bytes(header[0..4].try_into().unwrap()),
+        2,
+        "CONFIG_CHANGE_MSG"
+    );
+    assert_eq!(
+        u32::from_le_bytes(header[4..8].try_into().unwrap()) & 0x3,
+        1,
+        "version 1"
+    );
+    assert_eq!(
+        u32::from_le_bytes(header[8..12].try_into().unwrap()),
+        0,
+        "no payload"
+    );
+    assert_eq!(fe.capacity(), 4096);
+    assert_eq!(
+        fe.write(0, 4000, &[9; 512]),
+        blk::S_OK,
+        "the new sectors are usable"
+    );
+}
+
+#[test]
+fn a_memory_table_with_trailing_unused_regions_is_accepted() {
+    // User-Mode Linux sends its whole `regions[2]` array with a count of 1.
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 1);
+    fe.negotiate_features();
+    let mut message = Vec::new();
+    for word in [5u32, 0x1 | 0x8, 8 + 2 * 32, 1, 0] {
+        message.extend_from_slice(&word.to_le_bytes());
+    }
+    for value in [0, MEM_BYTES, USER_BASE, 0] {
+        message.extend_from_slice(&value.to_le_bytes());
+    }
+    message.extend_from_slice(&[0xaa; 32]);
+    let fds = [fe.memfd.as_raw_fd()];
+    sendmsg::<()>(
+        fe.raw.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    let mut reply = [0u8; 20];
+    fe.raw.read_exact(&mut reply).expect("ack");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 5);
+    assert_eq!(
+        u32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        0x1 | 0x4,
+        "a reply"
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        0,
+        "success"
+    );
+    fe.start_queue(0, 0).expect("start");
+    assert_eq!(fe.write(0, 3, &[3; 512]), blk::S_OK);
+    assert_eq!(fe.read(0, 3, 512), (blk::S_OK, vec![3; 512]));
+}
+
+#[test]
+fn a_memory_table_shorter_than_its_count_is_refused() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate_features();
+    let mut message = Vec::new();
+    // A count of 2 with one region's worth of body.
+    for word in [5u32, 0x1, 8 + 32, 2, 0] {
+        message.extend_from_slice(&word.to_le_bytes());
+    }
+    for value in [0, MEM_BYTES, USER_BASE, 0] {
+        message.extend_from_slice(&value.to_le_bytes());
+    }
+    let fds = [fe.memfd.as_raw_fd()];
+    sendmsg::<()>(
+        fe.raw.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    let end = fe.disconnect();
+    assert!(
+        matches!(
+            end,
+            SessionEnd::Failed {
+                request: Some(5),
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+}
+
+/// Each refused request gets a failure reply (REPLY_ACK), the connection ends, and the
+/// backend is left reset; nothing panics.
+fn refused(setup: impl FnOnce(&mut TestFrontend) -> vhost::Result<()>) {
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 8);
+    fe.negotiate();
+    let result = setup(&mut fe);
+    assert!(result.is_err(), "the backend accepted a bad request");
+    let end = fe.disconnect();
+    assert!(matches!(end, SessionEnd::Failed { .. }), "{end:?}");
+    assert!(!backend.is_running(0));
+}
+
+#[test]
+fn queue_index_out_of_range_is_refused() {
+    refused(|fe| fe.frontend.set_vring_num(1, QUEUE_SIZE));
+    refused(|fe| fe.frontend.set_vring_base(7, 0));
+    refused(|fe| fe.frontend.set_vring_enable(5, true));
+    refused(|fe| fe.frontend.get_vring_base(3).map(|_| ()));
+}
+
+#[test]
+fn bad_ring_sizes_and_bases_are_refused() {
+    refused(|fe| fe.frontend.set_vring_num(0, 3));
+    refused(|fe| fe.frontend.set_vring_num(0, QUEUE_SIZE * 2));
+    refused(|fe| fe.frontend.set_vring_num(0, 0));
+}
+
+#[test]
+fn unoffered_features_are_refused() {
+    let backend = ram_backend(2048, 1);
+    let fe = TestFrontend::connect(backend, 1);
+    fe.frontend.set_owner().expect("set_owner");
+    let offered = fe.frontend.get_features().expect("get_features");
+    // Without REPLY_ACK the refusal shows as the connection closing.
+    fe.frontend.set_features(offered | 1 << 27).expect("sent");
+    assert!(matches!(fe.disconnect(), SessionEnd::Failed { .. }));
+}
+
+#[test]
+fn bad_memory_tables_are_refused() {
+    // A region reaching past the end of its file would SIGBUS the backend on access.
+    refused(|fe| {
+        fe.frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEM_BYTES * 2,
+                userspace_addr: USER_BASE,
+                mmap_offset: 0,
+                mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&fe.memfd),
+            }])
+            .map(|_| ())
+    });
+    // Unaligned guest address.
+    refused(|fe| {
+        fe.frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0x100,
+                memory_size: 4096,
+                userspace_addr: USER_BASE,
+                mmap_offset: 0,
+                mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&fe.memfd),
+            }])
+            .map(|_| ())
+    });
+}
+
+#[test]
+fn ring_addresses_outside_memory_are_refused() {
+    // Not in any region's user range.
+    refused(|fe| {
+        fe.start_queue(0, 0)?;
+        fe.frontend.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: 0x1000,
+                used_ring_addr: USER_BASE + ring_base(0) + 0x2000,
+                avail_ring_addr: USER_BASE + ring_base(0) + 0x1000,
+                log_addr: None,
+            },
+        )
+    });
+    // Inside a region, but the used ring runs past its end.
+    refused(|fe| {
+        fe.start_queue(0, 0)?;
+        fe.frontend.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: USER_BASE + ring_base(0),
+                used_ring_addr: USER_BASE + MEM_BYTES - 8,
+                avail_ring_addr: USER_BASE + ring_base(0) + 0x1000,
+                log_addr: None,
+            },
+        )
+    });
+}
+
+#[test]
+fn configuration_access_out_of_range_is_refused() {
+    // Called on the handler directly: the `vhost` crate answers a refused GET_CONFIG with an
+    // empty payload (as the spec says), which its own frontend cannot read back.
+    use vhost::vhost_user::VhostUserBackendReqHandler;
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    let backend = ram_backend(2048, 1);
+    let flags = VhostUserConfigFlags::WRITABLE;
+    assert!(backend.get_config(0x100, 64, flags).is_err());
+    assert!(backend.get_config(0xf0, 32, flags).is_err());
+    assert!(backend.set_config(0xff, &[0, 0], flags).is_err());
+    let config = backend.get_config(0, 60, flags).expect("in range");
+    assert_eq!(u64::from_le_bytes(config[0..8].try_into().unwrap()), 2048);
+    // Past the 60 bytes of the block configuration, still inside the window: zeros.
+    assert_eq!(
+        backend.get_config(60, 36, flags).expect("in range"),
+        vec![0; 36]
+    );
+}
+
+#[test]
+fn garbage_on_the_socket_ends_the_connection() {
+    let backend = ram_backend(2048, 1);
+    let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (_stop, stop_reader) = UnixStream::pair().expect("socketpair");
+    let server = std::thread::spawn({
+        let backend = backend.clone();
+        move || vhost_user_blk::serve_connection(&backend, theirs, stop_reader.as_fd())
+    });
+    use std::io::Write;
+    // Request 9999, version 1, a 4 KiB payload that never comes in full.
+    let mut message = Vec::new();
+    message.extend_from_slice(&9999u32.to_le_bytes());
+    message.extend_from_slice(&1u32.to_le_bytes());
+    message.extend_from_slice(&8u32.to_le_bytes());
+    message.extend_from_slice(&[0xee; 8]);
+    ours.write_all(&message).expect("write");
+    let end = server.join().expect("no panic");
+    assert!(matches!(end, SessionEnd::Failed { .. }), "{end:?}");
+}
+
+#[test]
+fn the_server_accepts_a_new_connection_after_a_disconnect_and_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("blk.sock");
+    let disk = Disk::new(RamDisk::new(2048, 512).expect("ram")).expect("disk");
+    let config = BlockConfig {
+        queue_size: QUEUE_SIZE,
+        ..BlockConfig::default()
+    };
+    let server = Server::bind(&path, disk, config).expect("bind");
+    let (mut stop, stop_reader) = UnixStream::pair().expect("socketpair");
+    let runner = std::thread::spawn(move || {
+        let mut events = Vec::new();
+        let result = server.run(stop_reader.as_fd(), |event| {
+            events.push(format!("{event:?}"))
+        });
+        (result, events)
+    });
+    for round in 0..2u8 {
+        let stream = UnixStream::connect(&path).expect("connect");
+        let mut fe = TestFrontend::attach(stream);
+        fe.negotiate();
+        // Fresh state each time: ring base 0 again, and data from the last round is there
+        // (the disk outlives connections).
+        fe.start_queue(0, 0).expect("start");
+        if round == 1 {
+            assert_eq!(fe.read(0, 0, 512), (blk::S_OK, vec![7; 512]));
+        }
+        assert_eq!(fe.write(0, 0, &[7; 512]), blk::S_OK);
+        drop(fe);
+    }
+    use std::io::Write;
+    stop.write_all(&[1]).expect("stop");
+    let (result, events) = runner.join().expect("no panic");
+    result.expect("clean stop");
+    let connected = events.iter().filter(|e| *e == "Connected").count();
+    assert_eq!(connected, 2, "{events:?}");
+    assert!(!path.exists(), "the socket is removed");
+}
+
+#[test]
+fn stopping_waits_for_requests_in_flight() {
+    let inner = Disk::new(RamDisk::new(2048, 512).expect("ram")).expect("disk");
+    let slow = Disk::new(disk_delay::DelayDisk::new(
+        inner,
+        Duration::from_millis(300),
+    ))
+    .expect("disk");
+    let config = BlockConfig {
+        queue_size: QUEUE_SIZE,
+        ..BlockConfig::default()
+    };
+    let backend = Arc::new(VhostUserBlk::new(slow, config).expect("backend"));
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate();
+    fe.start_queue(0, 0).expect("start");
+    let (status, _) = fe.post(0, blk::T_OUT, 0, &[5; 512], 0);
+    // Give the kick thread time to start the request, then stop: the session must not end
+    // before the request completed.
+    std::thread::sleep(Duration::from_millis(50));
+    use std::io::Write;
+    fe.stop.write_all(&[1]).expect("stop");
+    let server = fe.server.take().expect("server");
+    assert!(matches!(
+        server.join().expect("no panic"),
+        SessionEnd::Stopped
+    ));
+    assert_eq!(fe.mem.read_plain::<u8>(status).expect("status"), blk::S_OK);
+    let used: u16 = fe
+        .mem
+        .read_plain(ring_base(0) + 0x2000 + 2)
+        .expect("used idx");
+    assert_eq!(
+        used, 1,
+        "the completion reached the used ring before the stop returned"
+    );
+}
