@@ -178,6 +178,19 @@ struct Export {
     log: PathBuf,
 }
 
+/// Removes a socket left by an earlier run. It must happen before the export starts: removing
+/// it afterwards could delete the socket the new export just bound, and the harness would wait
+/// for it in vain.
+fn remove_stale_socket(socket: &Path) -> Result {
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!(
+            "cannot remove the stale socket {}: {e}",
+            socket.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Export {
     /// qemu-storage-daemon serving `image` from the page cache.
     pub fn qemu_storage_daemon(
@@ -186,6 +199,7 @@ impl Export {
         read_only: bool,
         log: &Path,
     ) -> Result<Self> {
+        remove_stale_socket(socket)?;
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", image.display()))
@@ -210,6 +224,7 @@ impl Export {
         read_only: bool,
         log: &Path,
     ) -> Result<Self> {
+        remove_stale_socket(socket)?;
         let mut command = Command::new(diskctl);
         command
             .args(["serve", "--vhost-user"])
@@ -227,14 +242,15 @@ impl Export {
     }
 
     fn started(child: Child, socket: &Path, kind: ExportKind, log: &Path) -> Result<Self> {
-        let _ = std::fs::remove_file(socket);
         let mut export = Self {
             child,
             socket: socket.to_owned(),
             kind,
             log: log.to_owned(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: on a loaded two-core machine a start can take seconds, and a slow start
+        // is not what this test is about.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !export.socket.exists() {
             if let Ok(Some(status)) = export.child.try_wait() {
                 return Err(format!(
