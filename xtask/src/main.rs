@@ -22,6 +22,10 @@ verbs:
   stress [SEEDS]      the conformance model tests over SEEDS random seeds (default 200),
                       release build; set DISK_CONFORMANCE_SEED=N to replay one seed
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
+  bench guest [--runtime SECS] [--rounds N]
+                      the same User-Mode Linux guest and fio jobs against
+                      qemu-storage-daemon and diskctl serve on one backing file, with
+                      the ratio (release build; about 2.5 minutes)
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
@@ -224,6 +228,11 @@ fn stress(args: &[String]) -> Result {
 }
 
 fn bench(args: &[String]) -> Result {
+    if let [name, rest @ ..] = args
+        && name == "guest"
+    {
+        return guest::bench_guest(rest);
+    }
     let mut c = cargo();
     c.args(["bench", "--workspace", "--locked"]);
     if let [name] = args {

@@ -363,6 +363,9 @@ fn peek_backend_channel(stream: &UnixStream) -> std::io::Result<Peek> {
         return Ok(Peek::Closed);
     }
     let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if std::env::var_os("VHOST_DEBUG").is_some() {
+        eprintln!("DEBUG peek {:?}", &header);
+    }
     if peeked < HEADER_BYTES {
         return Ok(Peek::Other(None));
     }
