@@ -52,8 +52,11 @@ fn sh(step: &str, script: &str) -> Result {
         .ok_or_else(|| format!("{step} failed ({status})"))
 }
 
-/// Installs what the guest test needs from Debian's packages where it is missing.
-fn ensure_packages(need_qsd: bool) -> Result {
+/// Installs what the guest test needs from Debian's packages where it is missing:
+/// User-Mode Linux and the guest's tools always, qemu-storage-daemon (`qsd`) and
+/// qemu-system-x86 (`qemu`) on request, both from bookworm-backports so that the installed
+/// qemu-utils 10 is not replaced by bookworm's 7.2.
+fn ensure_packages(qsd: bool, qemu: bool) -> Result {
     let mut missing: Vec<&str> = [
         ("/usr/bin/linux.uml", "user-mode-linux"),
         ("/bin/busybox", "busybox-static"),
@@ -65,14 +68,20 @@ fn ensure_packages(need_qsd: bool) -> Result {
     .filter(|(path, _)| !Path::new(path).exists())
     .map(|(_, package)| *package)
     .collect();
-    let qsd_missing = need_qsd && !Path::new("/usr/bin/qemu-storage-daemon").exists();
-    if missing.is_empty() && !qsd_missing {
+    let mut backports: Vec<&str> = Vec::new();
+    if qsd && !Path::new("/usr/bin/qemu-storage-daemon").exists() {
+        backports.push("qemu-system-common");
+    }
+    if qemu && !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        backports.push("qemu-system-x86");
+    }
+    if missing.is_empty() && backports.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        missing.extend(qsd_missing.then_some("qemu-system-common (bookworm-backports)"));
+        missing.extend(&backports);
         return Err(format!(
-            "guest-test needs {} and is not root to install them",
+            "guest-test needs {} (qemu packages from bookworm-backports) and is not root to install them",
             missing.join(", ")
         ));
     }
@@ -85,13 +94,15 @@ fn ensure_packages(need_qsd: bool) -> Result {
             ),
         )?;
     }
-    if qsd_missing {
-        // From bookworm-backports, so the installed qemu-utils 10 is not replaced by 7.2.
+    if !backports.is_empty() {
         sh(
-            "install qemu-storage-daemon",
-            "echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list \
-             && apt-get update -qq \
-             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-common",
+            "install from bookworm-backports",
+            &format!(
+                "echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list \
+                 && apt-get update -qq \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports {}",
+                backports.join(" ")
+            ),
         )?;
     }
     Ok(())
@@ -113,9 +124,91 @@ fn virtio_blk_module() -> Result<PathBuf> {
         .ok_or_else(|| "no virtio_blk.ko under /usr/lib/uml/modules".into())
 }
 
-/// Builds the initramfs under `dir` and returns its path.
-fn build_initramfs(dir: &Path) -> Result<PathBuf> {
-    let root = dir.join("root");
+/// The kernel a guest boots and the modules its initramfs loads, in order.
+pub struct Kernel {
+    /// `None` for User-Mode Linux (`linux.uml` is the kernel); the image for QEMU.
+    pub image: Option<PathBuf>,
+    /// Modules to copy into the initramfs and load, in order.
+    pub modules: Vec<PathBuf>,
+}
+
+impl Kernel {
+    /// User-Mode Linux: only virtio_blk is a module.
+    pub fn uml() -> Result<Self> {
+        Ok(Self {
+            image: None,
+            modules: vec![virtio_blk_module()?],
+        })
+    }
+
+    /// Debian's `linux-image-amd64` for QEMU, unpacked (not installed) under `dir`: the
+    /// kernel image and, from the same package, the modules a virtio-mmio disk and ext4 need.
+    pub fn debian(dir: &Path) -> Result<Self> {
+        let cache = dir.join("debian-kernel");
+        let root = cache.join("root");
+        if !root.join("boot").is_dir() {
+            std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+            let depends = Command::new("apt-cache")
+                .args(["depends", "linux-image-amd64"])
+                .output()
+                .map_err(|e| format!("apt-cache: {e}"))?;
+            let depends = String::from_utf8_lossy(&depends.stdout);
+            let package = depends
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Depends: "))
+                .filter(|p| p.starts_with("linux-image-"))
+                .ok_or(
+                    "apt-cache names no kernel package for linux-image-amd64 (run apt-get update)",
+                )?
+                .to_string();
+            sh(
+                "download the Debian kernel",
+                &format!(
+                    "cd '{}' && rm -f *.deb && apt-get download -q {package} 2>/dev/null && dpkg-deb -x {package}_*.deb root && rm -f *.deb",
+                    cache.display()
+                ),
+            )?;
+        }
+        let image = std::fs::read_dir(root.join("boot"))
+            .map_err(|e| format!("debian kernel: {e}"))?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .ok_or("no vmlinuz in the Debian kernel package")?;
+        let version = image
+            .file_name()
+            .and_then(|n| {
+                n.to_string_lossy()
+                    .strip_prefix("vmlinuz-")
+                    .map(String::from)
+            })
+            .ok_or("bad kernel image name")?;
+        let modules = root.join("lib/modules").join(version).join("kernel");
+        // Dependencies first: the virtio core, the MMIO transport microvm uses, the disk;
+        // then ext4 and what it needs.
+        let order = [
+            "drivers/virtio/virtio_ring.ko",
+            "drivers/virtio/virtio.ko",
+            "drivers/virtio/virtio_mmio.ko",
+            "drivers/block/virtio_blk.ko",
+            "lib/crc16.ko",
+            "fs/mbcache.ko",
+            "fs/jbd2/jbd2.ko",
+            "crypto/crc32c_generic.ko",
+            "fs/ext4/ext4.ko",
+        ];
+        Ok(Self {
+            image: Some(image),
+            modules: order.iter().map(|m| modules.join(m)).collect(),
+        })
+    }
+}
+
+/// Builds the initramfs for `kernel` under `dir` (as `name`) and returns its path.
+fn build_initramfs(dir: &Path, kernel: &Kernel, name: &str) -> Result<PathBuf> {
+    let root = dir.join(format!("root-{name}"));
     let _ = std::fs::remove_dir_all(&root);
     for sub in ["bin", "dev", "proc", "sys", "tmp", "mnt"] {
         std::fs::create_dir_all(root.join(sub)).map_err(|e| format!("initramfs: {e}"))?;
@@ -129,7 +222,13 @@ fn build_initramfs(dir: &Path) -> Result<PathBuf> {
             .map_err(|e| format!("initramfs: copy {}: {e}", from.display()))
     };
     copy(Path::new("/bin/busybox"), &root.join("bin/busybox"))?;
-    copy(&virtio_blk_module()?, &root.join("virtio_blk.ko"))?;
+    let mut names = Vec::new();
+    for module in &kernel.modules {
+        let file = module.file_name().ok_or("a module without a name")?;
+        copy(module, &root.join(file))?;
+        names.push(file.to_string_lossy().into_owned());
+    }
+    std::fs::write(root.join("modules"), names.join(" ")).map_err(|e| format!("initramfs: {e}"))?;
     for binary in GUEST_BINARIES {
         let name = Path::new(binary).file_name().expect("a file name");
         copy(Path::new(binary), &root.join("bin").join(name))?;
@@ -149,7 +248,7 @@ fn build_initramfs(dir: &Path) -> Result<PathBuf> {
     let init = root.join("init");
     std::fs::write(&init, GUEST_INIT).map_err(|e| format!("initramfs: {e}"))?;
     sh("chmod init", &format!("chmod +x {}", init.display()))?;
-    let image = dir.join("initramfs.gz");
+    let image = dir.join(format!("initramfs-{name}.gz"));
     sh(
         "pack initramfs",
         &format!(
@@ -388,25 +487,105 @@ fn file_check(path: &Path, fields: &str) -> Result {
     }
 }
 
-/// Boots the guest against `socket` and returns its verdict. The guest and its helper
+/// The vhost-user frontend a guest runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frontend {
+    /// User-Mode Linux: `virtio_uml`.
+    Uml,
+    /// QEMU's `-M microvm` with `vhost-user-blk` on virtio-mmio, software emulation.
+    Qemu,
+}
+
+/// A bootable guest: its frontend, kernel and initramfs.
+pub struct Guest {
+    frontend: Frontend,
+    kernel: Kernel,
+    initramfs: PathBuf,
+}
+
+impl Guest {
+    /// Builds the initramfs for `frontend`'s kernel under `dir`.
+    pub fn new(frontend: Frontend, dir: &Path) -> Result<Self> {
+        let (kernel, name) = match frontend {
+            Frontend::Uml => (Kernel::uml()?, "uml"),
+            Frontend::Qemu => (Kernel::debian(dir)?, "qemu"),
+        };
+        let initramfs = build_initramfs(dir, &kernel, name)?;
+        Ok(Self {
+            frontend,
+            kernel,
+            initramfs,
+        })
+    }
+
+    fn command(&self, socket: &Path, expect: &str) -> Result<Command> {
+        match (self.frontend, &self.kernel.image) {
+            (Frontend::Uml, _) => {
+                let mut command = Command::new("linux.uml");
+                command
+                    .args([
+                        "mem=512M".to_string(),
+                        format!("initrd={}", self.initramfs.display()),
+                        "con=null".into(),
+                        "con0=fd:0,fd:1".into(),
+                        format!("virtio_uml.device={}:2", socket.display()),
+                    ])
+                    .args(expect.split_whitespace());
+                Ok(command)
+            }
+            (Frontend::Qemu, Some(image)) => {
+                let mut command = Command::new("qemu-system-x86_64");
+                // vhost-user needs guest memory in a shared fd, and the modern virtio-mmio
+                // layout; without tsc_early_khz the Debian kernel can hang calibrating the
+                // timer under software emulation.
+                command
+                    .args([
+                        "-M",
+                        "microvm,memory-backend=mem",
+                        "-m",
+                        "512M",
+                        "-smp",
+                        "1",
+                    ])
+                    .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+                    .args(["-global", "virtio-mmio.force-legacy=false"])
+                    .arg("-chardev")
+                    .arg(format!("socket,id=c,path={}", socket.display()))
+                    .args(["-device", "vhost-user-blk,chardev=c"])
+                    .arg("-kernel")
+                    .arg(image)
+                    .arg("-initrd")
+                    .arg(&self.initramfs)
+                    .arg("-append")
+                    .arg(format!(
+                        "console=ttyS0 quiet tsc_early_khz=2500000 panic=-1 {expect}"
+                    ))
+                    .args([
+                        "-nographic",
+                        "-nodefaults",
+                        "-no-reboot",
+                        "-serial",
+                        "stdio",
+                    ]);
+                Ok(command)
+            }
+            (Frontend::Qemu, None) => Err("a QEMU guest needs a kernel image".into()),
+        }
+    }
+}
+
+/// Boots `guest` against `socket` and returns its verdict. The guest and its helper
 /// processes run in a process group of their own, killed at the timeout.
-pub fn boot(initramfs: &Path, socket: &Path, expect: &str, host: &HostSide) -> Result<Verdict> {
+pub fn boot(guest: &Guest, socket: &Path, expect: &str, host: &HostSide) -> Result<Verdict> {
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new("linux.uml")
-        .args([
-            "mem=512M".to_string(),
-            format!("initrd={}", initramfs.display()),
-            "con=null".into(),
-            "con0=fd:0,fd:1".into(),
-            format!("virtio_uml.device={}:2", socket.display()),
-        ])
-        .args(expect.split_whitespace())
+    let mut child = guest
+        .command(socket, expect)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start linux.uml: {e}"))?;
+        .map_err(|e| format!("cannot start the {:?} guest: {e}", guest.frontend))?;
     let stdout = child.stdout.take().expect("piped");
     let (sender, lines) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -414,6 +593,8 @@ pub fn boot(initramfs: &Path, socket: &Path, expect: &str, host: &HostSide) -> R
             .lines()
             .map_while(std::result::Result::ok)
         {
+            // A serial console ends lines with CR LF.
+            let line = line.trim_end_matches('\r').to_string();
             if line.starts_with("GUEST-") && sender.send(line).is_err() {
                 break;
             }
@@ -434,7 +615,7 @@ pub fn boot(initramfs: &Path, socket: &Path, expect: &str, host: &HostSide) -> R
         }
         if child
             .try_wait()
-            .map_err(|e| format!("linux.uml: {e}"))?
+            .map_err(|e| format!("the guest: {e}"))?
             .is_some()
         {
             break true;
@@ -480,6 +661,7 @@ pub fn boot(initramfs: &Path, socket: &Path, expect: &str, host: &HostSide) -> R
 struct Case {
     name: &'static str,
     kind: ExportKind,
+    frontend: Frontend,
     /// The spec for diskctl; for qemu-storage-daemon, the image is `images[0]`.
     spec: String,
     /// Files to create (path, bytes) before the export starts.
@@ -521,6 +703,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             .map(|(name, read_only)| Case {
                 name,
                 kind,
+                frontend: Frontend::Uml,
                 spec: String::new(),
                 images: vec![(img(name), DISK_BYTES)],
                 read_only,
@@ -544,8 +727,10 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
         img("stripe-a"),
         img("stripe-b"),
     );
+    let qemu_file = img("qemu-file");
     Ok(vec![
         Case {
+            frontend: Frontend::Uml,
             name: "file",
             kind,
             spec: format!("file:{}", file.display()),
@@ -560,6 +745,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
         },
         Case {
+            frontend: Frontend::Uml,
             name: "file-read-only",
             kind,
             spec: format!("file:{}", img("file-ro").display()),
@@ -571,6 +757,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
         },
         Case {
+            frontend: Frontend::Uml,
             name: "file-4k-sectors",
             kind,
             spec: format!("file({}, sector_size=4096)", four_k.display()),
@@ -585,6 +772,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
         },
         Case {
+            frontend: Frontend::Uml,
             name: "ram-over-file",
             kind,
             spec: format!("layered(ram, file:{}:ro)", base.display()),
@@ -596,6 +784,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: Some(base),
         },
         Case {
+            frontend: Frontend::Uml,
             name: "crypt-over-striped",
             kind,
             spec: format!(
@@ -609,6 +798,22 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             sectors,
             lbs: 512,
             host: HostSide::default(),
+            untouched: None,
+        },
+        // A second, independent frontend: QEMU (microvm, virtio-mmio) with Debian's kernel.
+        Case {
+            frontend: Frontend::Qemu,
+            name: "qemu-microvm-file",
+            kind,
+            spec: format!("file:{}", qemu_file.display()),
+            images: vec![(qemu_file.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide {
+                file_check: Some(qemu_file.clone()),
+                resize: Some((qemu_file, RESIZED_BYTES)),
+            },
             untouched: None,
         },
     ])
@@ -668,7 +873,7 @@ fn all_zeros(path: &Path) -> Result {
     }
 }
 
-fn run_case(case: &Case, initramfs: &Path, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
+fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
     create_images(&case.images)?;
     let socket = dir.join(format!("{}.sock", case.name));
     let log = dir.join(format!("{}.log", case.name));
@@ -684,7 +889,7 @@ fn run_case(case: &Case, initramfs: &Path, diskctl: Option<&Path>, dir: &Path) -
             &log,
         )?,
     };
-    let verdict = boot(initramfs, &export.socket, &case.expect(), &case.host);
+    let verdict = boot(guest, &export.socket, &case.expect(), &case.host);
     let kind = export.kind;
     let log_text = export.log_text();
     let stopped = export.stop();
@@ -712,23 +917,41 @@ fn run_case(case: &Case, initramfs: &Path, diskctl: Option<&Path>, dir: &Path) -
 
 /// Runs the guest checks against each stack, printing every check.
 pub fn guest_test(args: &[String]) -> Result {
-    let kind = match args {
-        [] => ExportKind::Diskctl,
-        [flag, value] if flag == "--export" && value == "diskctl" => ExportKind::Diskctl,
-        [flag, value] if flag == "--export" && value == "qsd" => ExportKind::Qsd,
-        _ => return Err("usage: cargo xtask guest-test [--export diskctl|qsd]".into()),
-    };
-    ensure_packages(kind == ExportKind::Qsd)?;
+    let usage = "usage: cargo xtask guest-test [--export diskctl|qsd] [--frontend uml|qemu|all]";
+    let mut kind = ExportKind::Diskctl;
+    let mut frontends: Option<Vec<Frontend>> = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match (flag.as_str(), it.next().map(String::as_str)) {
+            ("--export", Some("diskctl")) => kind = ExportKind::Diskctl,
+            ("--export", Some("qsd")) => kind = ExportKind::Qsd,
+            ("--frontend", Some("uml")) => frontends = Some(vec![Frontend::Uml]),
+            ("--frontend", Some("qemu")) => frontends = Some(vec![Frontend::Qemu]),
+            ("--frontend", Some("all")) => frontends = Some(vec![Frontend::Uml, Frontend::Qemu]),
+            _ => return Err(usage.into()),
+        }
+    }
+    let frontends = frontends.unwrap_or_else(|| match kind {
+        ExportKind::Diskctl => vec![Frontend::Uml, Frontend::Qemu],
+        ExportKind::Qsd => vec![Frontend::Uml],
+    });
+    ensure_packages(kind == ExportKind::Qsd, frontends.contains(&Frontend::Qemu))?;
     let diskctl = match kind {
         ExportKind::Diskctl => Some(build_diskctl(false)?),
         ExportKind::Qsd => None,
     };
     let dir = guest_dir()?;
-    let initramfs = build_initramfs(&dir)?;
+    let guests = frontends
+        .iter()
+        .map(|&frontend| Ok((frontend, Guest::new(frontend, &dir)?)))
+        .collect::<Result<Vec<_>>>()?;
     let mut failures = Vec::new();
     for case in cases(kind, &dir)? {
+        let Some((_, guest)) = guests.iter().find(|(f, _)| *f == case.frontend) else {
+            continue;
+        };
         let started = Instant::now();
-        match run_case(&case, &initramfs, diskctl.as_deref(), &dir) {
+        match run_case(&case, guest, diskctl.as_deref(), &dir) {
             Ok(verdict) => {
                 for check in &verdict.checks {
                     eprintln!("xtask: guest {}: {check}", case.name);
@@ -758,4 +981,130 @@ pub fn guest_test(args: &[String]) -> Result {
     } else {
         Err(format!("guest checks failed: {}", failures.join(", ")))
     }
+}
+
+/// The fio jobs of `cargo xtask bench guest`, as the guest names them.
+const BENCH_JOBS: &[&str] = &["randread-4k-qd1", "randread-4k-qd32", "write-1m-qd4"];
+/// Size of the shared backing file.
+const BENCH_BYTES: u64 = 1 << 30;
+
+/// One job's result: IOPS and KiB/s.
+type JobResult = (f64, f64);
+
+/// Boots the bench guest against one export and returns each job's result.
+fn bench_once(guest: &Guest, export: Export, runtime: u32) -> Result<Vec<JobResult>> {
+    let expect = format!("guest.mode=bench guest.runtime={runtime}");
+    let verdict = boot(guest, &export.socket, &expect, &HostSide::default());
+    let log = export.log_text();
+    let _ = export.stop();
+    let verdict = verdict.map_err(|e| format!("{e}; export log: {log}"))?;
+    BENCH_JOBS
+        .iter()
+        .map(|job| {
+            let prefix = format!("GUEST-BENCH {job} ");
+            let line = verdict
+                .checks
+                .iter()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .ok_or_else(|| {
+                    format!(
+                        "no result for {job}: {:?}; export log: {log}",
+                        verdict.checks
+                    )
+                })?;
+            let field = |name: &str| -> Result<f64> {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{job}: {line}"))
+            };
+            Ok((field("iops")?, field("kibps")?))
+        })
+        .collect()
+}
+
+/// `cargo xtask bench guest [--runtime SECS] [--rounds N]`: the same User-Mode Linux guest and
+/// fio jobs against qemu-storage-daemon and `diskctl serve` on one backing file, alternated,
+/// with the ratio per job.
+pub fn bench_guest(args: &[String]) -> Result {
+    let mut runtime = 10u32;
+    let mut rounds = 2u32;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().and_then(|v| v.parse().ok());
+        match (flag.as_str(), value) {
+            ("--runtime", Some(v)) => runtime = v,
+            ("--rounds", Some(v)) if v > 0 => rounds = v,
+            _ => return Err("usage: cargo xtask bench guest [--runtime SECS] [--rounds N]".into()),
+        }
+    }
+    ensure_packages(true, false)?;
+    let diskctl = build_diskctl(true)?;
+    let dir = guest_dir()?;
+    let guest = Guest::new(Frontend::Uml, &dir)?;
+    // In memory, as both exports serve it through the page cache: the comparison is of the
+    // software paths, not of a disk whose timings swing between runs.
+    let shm = Path::new("/dev/shm");
+    let image = if shm.is_dir() {
+        shm.join("xtask-bench-guest.img")
+    } else {
+        dir.join("bench.img")
+    };
+    sh(
+        "fill the bench image",
+        &format!(
+            "dd if=/dev/zero of='{}' bs=1M count={} status=none",
+            image.display(),
+            BENCH_BYTES >> 20
+        ),
+    )?;
+    let socket = dir.join("bench.sock");
+    let log = dir.join("bench.log");
+    let mut qsd: Vec<Vec<JobResult>> = Vec::new();
+    let mut ours: Vec<Vec<JobResult>> = Vec::new();
+    let result = (|| -> Result {
+        for round in 1..=rounds {
+            eprintln!("xtask: bench guest: round {round}/{rounds}: qemu-storage-daemon");
+            let export = Export::qemu_storage_daemon(&image, &socket, false, &log)?;
+            qsd.push(bench_once(&guest, export, runtime)?);
+            eprintln!("xtask: bench guest: round {round}/{rounds}: diskctl serve");
+            let spec = format!("file:{}", image.display());
+            let export = Export::diskctl(&diskctl, &spec, &socket, false, &log)?;
+            ours.push(bench_once(&guest, export, runtime)?);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&image);
+    result?;
+    let mean = |runs: &[Vec<JobResult>], job: usize| -> JobResult {
+        let n = runs.len() as f64;
+        let (iops, kibps) = runs
+            .iter()
+            .fold((0.0, 0.0), |(a, b), r| (a + r[job].0, b + r[job].1));
+        (iops / n, kibps / n)
+    };
+    println!(
+        "User-Mode Linux guest, fio libaio direct I/O on /dev/vda, {runtime} s per job, mean of {rounds} alternated rounds"
+    );
+    println!(
+        "{:<18} {:>22} {:>22} {:>7}",
+        "job", "qemu-storage-daemon", "diskctl serve", "ratio"
+    );
+    for (job, name) in BENCH_JOBS.iter().enumerate() {
+        let (a, b) = (mean(&qsd, job), mean(&ours, job));
+        let show = |(iops, kibps): JobResult| {
+            if name.starts_with("write") {
+                format!("{:.0} MiB/s", kibps / 1024.0)
+            } else {
+                format!("{iops:.0} IOPS")
+            }
+        };
+        let ratio = if name.starts_with("write") {
+            b.1 / a.1
+        } else {
+            b.0 / a.0
+        };
+        println!("{name:<18} {:>22} {:>22} {ratio:>6.2}x", show(a), show(b));
+    }
+    Ok(())
 }

@@ -20,9 +20,31 @@ check() { # name, command...
     if out=$("$@" 2>&1); then echo "GUEST-CHECK $name ok"; else echo "GUEST-CHECK $name FAIL: $(echo "$out" | tail -3 | tr '\n' ' ')"; FAILED=1; fi
 }
 
-insmod /virtio_blk.ko
+# The modules the kernel needs for a virtio disk, in load order (one for UML, the virtio
+# core and the MMIO transport too for Debian's kernel under QEMU).
+for module in $(cat /modules); do insmod "/$module"; done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 check device test -b /dev/vda
+if [ "$(arg mode)" = bench ]; then
+    # `cargo xtask bench guest`: the same fio jobs against each export; one line per job.
+    RUNTIME=$(arg runtime)
+    bench() { # name, fio options...
+        name=$1; shift
+        if out=$(fio --name="$name" --filename=/dev/vda --direct=1 --ioengine=libaio \
+            --runtime="$RUNTIME" --time_based --output-format=terse --terse-version=3 "$@" 2>&1); then
+            # Terse v3: read IOPS and KiB/s are fields 8 and 7, write IOPS and KiB/s 49 and 48.
+            echo "$out" | tail -1 | awk -F';' -v n="$name" '{ if ($8 > 0) print "GUEST-BENCH " n " iops=" $8 " kibps=" $7; else print "GUEST-BENCH " n " iops=" $49 " kibps=" $48 }'
+        else
+            echo "GUEST-BENCH $name FAIL: $(echo "$out" | tail -1)"
+        fi
+    }
+    bench randread-4k-qd1 --rw=randread --bs=4k --iodepth=1
+    bench randread-4k-qd32 --rw=randread --bs=4k --iodepth=32
+    bench write-1m-qd4 --rw=write --bs=1M --iodepth=4
+    echo "GUEST-RESULT PASS"
+    poweroff -f
+fi
+
 SECTORS=$(cat /sys/block/vda/size)
 LBS=$(cat /sys/block/vda/queue/logical_block_size)
 RO=$(cat /sys/block/vda/ro)

@@ -26,6 +26,10 @@ verbs:
                       disk_blockdevice against fio on loop devices it creates (root;
                       installs fio if missing); ARGS: --runtime SECS, --reps N,
                       --size-mib MIB, --only shm|disk
+  bench guest [--runtime SECS] [--rounds N]
+                      the same User-Mode Linux guest and fio jobs against
+                      qemu-storage-daemon and diskctl serve on one backing file, with
+                      the ratio (release build; about 2.5 minutes)
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
@@ -228,10 +232,10 @@ fn stress(args: &[String]) -> Result {
 }
 
 fn bench(args: &[String]) -> Result {
-    if let Some((first, rest)) = args.split_first()
-        && first == "blockdevice"
-    {
-        return bench_blockdevice(rest);
+    match args {
+        [name, rest @ ..] if name == "blockdevice" => return bench_blockdevice(rest),
+        [name, rest @ ..] if name == "guest" => return guest::bench_guest(rest),
+        _ => {}
     }
     let mut c = cargo();
     c.args(["bench", "--workspace", "--locked"]);

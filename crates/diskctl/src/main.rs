@@ -61,8 +61,9 @@ struct ServeArgs {
     /// Request queues offered to the guest.
     #[arg(long, default_value_t = 1)]
     queues: u16,
-    /// Entries per queue: a power of two from 4 to 32768.
-    #[arg(long, default_value_t = 256)]
+    /// Most entries per queue, a power of two from 4 to 32768 (the frontend picks the size;
+    /// QEMU's virtio-mmio rings have 1024).
+    #[arg(long, default_value_t = 1024)]
     queue_size: u16,
     /// Present the disk read-only, whatever the stack allows.
     #[arg(long)]

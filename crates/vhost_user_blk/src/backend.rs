@@ -44,6 +44,12 @@ fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
+/// The smallest ring the backend expects a frontend to choose. The frontend picks ring
+/// sizes after reading `seg_max`, and a request may not need more descriptors than its ring
+/// has: User-Mode Linux uses 256 entries, QEMU 128 by default (`queue-size`) on PCI and 1024
+/// on virtio-mmio.
+pub const MIN_EXPECTED_RING: u16 = 128;
+
 /// The largest configuration-space window a frontend may read or write. The block
 /// configuration is 60 bytes; newer frontends ask for the zoned and secure-erase fields
 /// after it, which read as zero.
@@ -184,7 +190,13 @@ pub struct VhostUserBlk {
 
 impl VhostUserBlk {
     /// A backend serving `disk` as `config` describes (queues, sizes, read-only, ...).
-    pub fn new(disk: Disk, config: BlockConfig) -> std::result::Result<Self, NewDeviceError> {
+    ///
+    /// Unless `config.seg_max` says otherwise, requests are limited to fit a ring of
+    /// [`MIN_EXPECTED_RING`] entries (or of the maximum queue size, if smaller).
+    pub fn new(disk: Disk, mut config: BlockConfig) -> std::result::Result<Self, NewDeviceError> {
+        if config.seg_max.is_none() && config.queue_size >= 4 {
+            config.seg_max = Some(u32::from(config.queue_size.min(MIN_EXPECTED_RING)) - 2);
+        }
         let queues = config.num_queues;
         let queue_max_size = config.queue_size;
         let device = BlockDevice::new(config, disk)?;
@@ -204,7 +216,7 @@ impl VhostUserBlk {
     }
 
     /// Stops every ring (waiting for the requests in flight), unmaps guest memory and
-    /// forgets everything the frontend set up, as `RESET_DEVICE` and a disconnect do.
+    /// forgets everything the frontend set up, as a disconnect does.
     pub fn reset(&self) {
         let mut session = self.session.lock();
         let queues = session.vrings.len() as u16;
@@ -213,6 +225,24 @@ impl VhostUserBlk {
         drop(old);
         self.device.lock().reset();
         self.interrupt.clear();
+    }
+
+    /// `RESET_DEVICE`: stops every ring (waiting for the requests in flight) and returns the
+    /// device to its initial state, but keeps what belongs to the connection: the
+    /// negotiated protocol features, the backend channel and the memory table. QEMU resets
+    /// the device this way before every start and then sends only features and rings.
+    fn reset_device_state(&self) {
+        let mut session = self.session.lock();
+        let queues = session.vrings.len() as u16;
+        let mut fresh = Session::new(queues);
+        fresh.protocol_features = session.protocol_features;
+        fresh.memory = session.memory.take();
+        let old = std::mem::replace(&mut *session, fresh);
+        drop(old);
+        self.device.lock().reset();
+        for index in 0..usize::from(queues) {
+            self.interrupt.set_call(index, None);
+        }
     }
 
     /// Maps a new memory table (`SET_MEM_TABLE`) and restarts the running rings in it.
@@ -367,12 +397,12 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     }
 
     fn reset_owner(&self) -> Result<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
 
     fn reset_device(&self) -> Result<()> {
-        self.reset();
+        self.reset_device_state();
         Ok(())
     }
 

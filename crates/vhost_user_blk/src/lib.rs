@@ -47,5 +47,5 @@ mod kick;
 pub mod memory;
 mod server;
 
-pub use backend::{RequestError, VhostUserBlk};
+pub use backend::{MIN_EXPECTED_RING, RequestError, VhostUserBlk};
 pub use server::{BindError, Event, ServeError, Server, SessionEnd, serve_connection};

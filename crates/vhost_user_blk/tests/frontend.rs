@@ -112,6 +112,27 @@ fn get_vring_base_stops_the_ring_and_it_resumes_from_there() {
 }
 
 #[test]
+fn reset_device_stops_the_rings_but_keeps_the_connection_state() {
+    // QEMU sends RESET_DEVICE before starting the device, then only features, the memory
+    // table and rings: the negotiated REPLY_ACK must survive, or its SET_MEM_TABLE would wait
+    // for an ack forever.
+    let backend = ram_backend(2048, 1);
+    let mut fe = TestFrontend::connect(backend.clone(), 1);
+    fe.negotiate();
+    fe.start_queue(0, 0).expect("start");
+    assert_eq!(fe.write(0, 1, &[1; 512]), blk::S_OK);
+    fe.frontend.reset_device().expect("reset_device");
+    assert!(!backend.is_running(0));
+    fe.frontend
+        .set_features(TestFrontend::FEATURES)
+        .expect("set_features");
+    fe.set_mem_table().expect("set_mem_table is acked");
+    fe.start_queue(0, 0).expect("start again");
+    assert_eq!(fe.read(0, 1, 512), (blk::S_OK, vec![1; 512]));
+    assert_eq!(fe.capacity(), 2048, "CONFIG is still negotiated");
+}
+
+#[test]
 fn a_resize_sends_config_change_on_the_backend_channel() {
     let ram = Arc::new(RamDisk::new(2048, 512).expect("ram disk"));
     let disk = Disk::new(ram.clone()).expect("disk");
@@ -352,6 +373,26 @@ fn configuration_access_out_of_range_is_refused() {
     assert!(backend.set_config(0xff, &[0, 0], flags).is_err());
     let config = backend.get_config(0, 60, flags).expect("in range");
     assert_eq!(u64::from_le_bytes(config[0..8].try_into().unwrap()), 2048);
+    // seg_max fits the ring (QUEUE_SIZE entries here), whatever size the frontend picks
+    // up to it.
+    assert_eq!(
+        u32::from_le_bytes(config[12..16].try_into().unwrap()),
+        u32::from(QUEUE_SIZE) - 2
+    );
+    let large = VhostUserBlk::new(
+        Disk::new(RamDisk::new(2048, 512).expect("ram")).expect("disk"),
+        BlockConfig {
+            queue_size: 1024,
+            ..BlockConfig::default()
+        },
+    )
+    .expect("backend");
+    let config = large.get_config(0, 60, flags).expect("in range");
+    assert_eq!(
+        u32::from_le_bytes(config[12..16].try_into().unwrap()),
+        u32::from(vhost_user_blk::MIN_EXPECTED_RING) - 2,
+        "a 128-entry ring must hold any request"
+    );
     // Past the 60 bytes of the block configuration, still inside the window: zeros.
     assert_eq!(
         backend.get_config(60, 36, flags).expect("in range"),

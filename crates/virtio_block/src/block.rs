@@ -109,6 +109,11 @@ impl BlockDevice {
         if !config.queue_size.is_power_of_two() || config.queue_size < 4 {
             return Err(NewDeviceError::QueueSize(config.queue_size));
         }
+        if let Some(seg_max) = config.seg_max
+            && (seg_max == 0 || seg_max > u32::from(config.queue_size - 2))
+        {
+            return Err(NewDeviceError::SegMax(seg_max));
+        }
         let (block_size, physical, read_only, sectors, disk_id) = match &backend {
             Backend::Sync(b) => {
                 let bs = b.block_size();
@@ -226,7 +231,11 @@ impl BlockDevice {
         let mut config = VirtioBlkConfig {
             capacity: capacity.into(),
             // Every descriptor of a chain but the header and the status may carry data.
-            seg_max: u32::from(self.config.queue_size - 2).into(),
+            seg_max: self
+                .config
+                .seg_max
+                .unwrap_or(u32::from(self.config.queue_size - 2))
+                .into(),
             blk_size: block_size.into(),
             physical_block_exp: self.physical_block_exp,
             alignment_offset: 0,

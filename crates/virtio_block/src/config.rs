@@ -20,6 +20,11 @@ pub struct BlockConfig {
     /// The id `GET_ID` returns (at most 20 bytes, zero-padded). Default: derived from the
     /// disk's id if it has one, else empty.
     pub serial: Option<Vec<u8>>,
+    /// The most data segments per request the device advertises (`seg_max`), from 1 to
+    /// `queue_size - 2`. Default `queue_size - 2`. A chain must fit the ring the driver
+    /// chose, so a transport whose driver picks ring sizes after reading the configuration
+    /// (vhost-user) sets this to fit the smallest ring it expects.
+    pub seg_max: Option<u32>,
 }
 
 impl Default for BlockConfig {
@@ -30,6 +35,7 @@ impl Default for BlockConfig {
             read_only: false,
             writeback: true,
             serial: None,
+            seg_max: None,
         }
     }
 }
@@ -46,6 +52,9 @@ pub enum NewDeviceError {
     /// The serial is longer than 20 bytes.
     #[error("serial of {0} bytes is longer than 20")]
     SerialTooLong(usize),
+    /// `seg_max` is 0 or more than `queue_size - 2`.
+    #[error("seg_max {0} is not from 1 to the queue size minus 2")]
+    SegMax(u32),
     /// The backend's block size is not a power of two from 512 to 64 KiB.
     #[error("block size {0} is not a power of two from 512 to 65536")]
     BlockSize(u32),

@@ -214,6 +214,31 @@ fn sync_file_backend() {
 }
 
 #[test]
+fn seg_max_can_be_lowered_but_not_past_the_queue() {
+    let mut driver = driver_for(
+        RamDisk::new(1000, 512).unwrap(),
+        BlockConfig {
+            queue_size: 1024,
+            seg_max: Some(126),
+            ..Default::default()
+        },
+    );
+    assert_eq!(config_space(&mut driver).seg_max.get(), 126);
+    for bad in [0, 127] {
+        let disk = Disk::new(RamDisk::new(1000, 512).unwrap()).unwrap();
+        let config = BlockConfig {
+            queue_size: 128,
+            seg_max: Some(bad),
+            ..Default::default()
+        };
+        assert_eq!(
+            BlockDevice::new(config, disk).unwrap_err(),
+            virtio_block::NewDeviceError::SegMax(bad)
+        );
+    }
+}
+
+#[test]
 fn features_and_config_space_are_honest() {
     let disk = RamDisk::new(1000, 4096).unwrap();
     let mut driver = driver_for(

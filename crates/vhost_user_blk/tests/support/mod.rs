@@ -74,6 +74,10 @@ pub fn guest_memory() -> (File, GuestMemory) {
 }
 
 impl TestFrontend {
+    /// The virtio features the test frontend accepts (with `VHOST_USER_F_PROTOCOL_FEATURES`).
+    pub const FEATURES: u64 =
+        features::VERSION_1 | features::BLK_FLUSH | features::BLK_MQ | 1 << 30;
+
     /// Connects a frontend (which believes the device has `frontend_queues` queues) to
     /// `handler`, served by `serve_connection` on a thread.
     pub fn connect(handler: Arc<VhostUserBlk>, frontend_queues: u64) -> Self {
@@ -135,7 +139,8 @@ impl TestFrontend {
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::BACKEND_REQ;
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::RESET_DEVICE;
         assert!(protocol.contains(wanted), "offered {protocol:?}");
         fe.set_protocol_features(wanted)
             .expect("set_protocol_features");
