@@ -1027,15 +1027,19 @@ fn bench_once(guest: &Guest, export: Export, runtime: u32) -> Result<Vec<JobResu
 /// fio jobs against qemu-storage-daemon and `diskctl serve` on one backing file, alternated,
 /// with the ratio per job.
 pub fn bench_guest(args: &[String]) -> Result {
+    let usage = "usage: cargo xtask bench guest [--runtime SECS] [--rounds N] [--spec SPEC]";
     let mut runtime = 10u32;
     let mut rounds = 2u32;
+    let mut spec_template = "file:IMAGE".to_string();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let value = it.next().and_then(|v| v.parse().ok());
-        match (flag.as_str(), value) {
-            ("--runtime", Some(v)) => runtime = v,
-            ("--rounds", Some(v)) if v > 0 => rounds = v,
-            _ => return Err("usage: cargo xtask bench guest [--runtime SECS] [--rounds N]".into()),
+        let value = it.next().ok_or(usage)?;
+        match flag.as_str() {
+            "--runtime" => runtime = value.parse().map_err(|_| usage)?,
+            "--rounds" => rounds = value.parse().ok().filter(|&v| v > 0).ok_or(usage)?,
+            "--spec" if value.contains("IMAGE") => spec_template = value.clone(),
+            "--spec" => return Err("--spec: the stack must name its backing file as IMAGE".into()),
+            _ => return Err(usage.into()),
         }
     }
     ensure_packages(true, false)?;
@@ -1068,7 +1072,7 @@ pub fn bench_guest(args: &[String]) -> Result {
             let export = Export::qemu_storage_daemon(&image, &socket, false, &log)?;
             qsd.push(bench_once(&guest, export, runtime)?);
             eprintln!("xtask: bench guest: round {round}/{rounds}: diskctl serve");
-            let spec = format!("file:{}", image.display());
+            let spec = spec_template.replace("IMAGE", &image.display().to_string());
             let export = Export::diskctl(&diskctl, &spec, &socket, false, &log)?;
             ours.push(bench_once(&guest, export, runtime)?);
         }

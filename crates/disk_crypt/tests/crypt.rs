@@ -116,7 +116,7 @@ fn crypt_file(sectors: u64, sector_size: u32, key: &[u8]) -> (std::fs::File, Dis
     let options = FileDiskOptions {
         read_only: false,
         sector_size,
-        physical_sector_size: None,
+        ..Default::default()
     };
     let inner = FileDisk::from_file(file.try_clone().unwrap(), &options).unwrap();
     let disk = CryptDisk::new(Disk::new(inner).unwrap(), key).unwrap();
@@ -254,7 +254,7 @@ fn file_crypt(spec: &disk_conformance::DiskSpec, sector_size: u32) -> CryptDisk 
     let options = FileDiskOptions {
         read_only: spec.read_only,
         sector_size,
-        physical_sector_size: None,
+        ..Default::default()
     };
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
     let inner = FileDisk::open(path, &options).unwrap();

@@ -5,6 +5,16 @@
 //! moves straight between the file and guest memory: the request's pages are locked and
 //! their host addresses handed to the kernel, with no copy.
 //!
+//! A trip through the pool costs two thread wake-ups, which is most of the latency of a small
+//! request the page cache can serve. So requests of up to [`INLINE_BYTES`] are first tried on
+//! the calling thread where that cannot wait for a device ([`FileDiskOptions::inline_io`]):
+//! - with `RWF_NOWAIT`, which moves what the page cache can move at once and returns
+//!   instead of waiting (for a read from disk, writeback, a contended lock); the rest goes to
+//!   the pool. A file system that does not take the flag (`EOPNOTSUPP`) is not asked again;
+//! - whole, for a regular file on tmpfs or ramfs, whose data is memory (these do not take
+//!   `RWF_NOWAIT`), flushes included. A tmpfs page swapped out is read back on the calling
+//!   thread; the inline path is for files that are memory, and swapping them is already slow.
+//!
 //! Where simpler file backends cut corners, this one does not:
 //! - short reads and writes are continued until the whole request is done;
 //! - FUA writes use `RWF_DSYNC` and are durable on completion; flush is `fdatasync`;
@@ -43,9 +53,14 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use thiserror::Error;
+
+/// The largest request tried on the calling thread (see the [crate documentation](crate)).
+/// Larger ones cost more to copy than the thread hop saves, and go to the pool, where several
+/// run in parallel.
+pub const INLINE_BYTES: usize = 64 << 10;
 
 /// How often [`wait_resize`](DiskIo::wait_resize) looks at the file's size. Only a waiting
 /// frontend pays for it (one `lseek` per interval).
@@ -60,6 +75,10 @@ pub struct FileDiskOptions {
     pub sector_size: u32,
     /// Physical sector size reported to the guest; defaults to the logical sector size.
     pub physical_sector_size: Option<u32>,
+    /// Try small requests on the calling thread where they cannot wait for a device (see
+    /// the [crate documentation](crate)). Default `true`; `false` sends every request to
+    /// the thread pool.
+    pub inline_io: bool,
 }
 
 impl Default for FileDiskOptions {
@@ -68,6 +87,7 @@ impl Default for FileDiskOptions {
             read_only: false,
             sector_size: 512,
             physical_sector_size: None,
+            inline_io: true,
         }
     }
 }
@@ -114,6 +134,21 @@ pub struct FileDisk {
     sector_count: AtomicU64,
     read_only: bool,
     unmap_behavior: UnmapBehavior,
+    inline: Inline,
+    /// Cleared when the file system refuses `RWF_NOWAIT` on a read, or on a write.
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
+}
+
+/// Which requests run on the calling thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inline {
+    /// None: every request goes to the pool.
+    Never,
+    /// Small reads and writes with `RWF_NOWAIT`, the rest of them in the pool.
+    NoWait,
+    /// Small reads and writes, and flushes, in full: the file is memory.
+    Memory,
 }
 
 impl FileDisk {
@@ -156,6 +191,13 @@ impl FileDisk {
         } else {
             UnmapBehavior::Ignored
         };
+        let inline = if !options.inline_io {
+            Inline::Never
+        } else if sys::is_in_memory(&file) {
+            Inline::Memory
+        } else {
+            Inline::NoWait
+        };
         Ok(Self {
             file: Arc::new(file),
             sector_size,
@@ -164,7 +206,37 @@ impl FileDisk {
             sector_count: AtomicU64::new(sector_count),
             read_only: options.read_only,
             unmap_behavior,
+            inline,
+            nowait_reads: AtomicBool::new(true),
+            nowait_writes: AtomicBool::new(true),
         })
+    }
+
+    /// Tries a transfer of `len` bytes on the calling thread, as [`Inline`] allows, with
+    /// `full` (the whole transfer) or `nowait` (one `RWF_NOWAIT` call; `supported` is
+    /// cleared if the file system refuses the flag). Returns how many bytes are done.
+    fn try_inline(
+        &self,
+        len: usize,
+        supported: &AtomicBool,
+        full: impl FnOnce() -> io::Result<()>,
+        nowait: impl FnOnce() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        if len > INLINE_BYTES {
+            return Ok(0);
+        }
+        match self.inline {
+            Inline::Never => Ok(0),
+            Inline::Memory => full().map(|()| len),
+            Inline::NoWait if !supported.load(Ordering::Relaxed) => Ok(0),
+            Inline::NoWait => match nowait() {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    supported.store(false, Ordering::Relaxed);
+                    Ok(0)
+                }
+                other => other,
+            },
+        }
     }
 
     fn byte_offset(&self, sector: u64) -> u64 {
@@ -223,9 +295,21 @@ impl DiskIo for FileDisk {
             return Ok(());
         }
         let locked = buffers.lock(true)?;
-        let file = self.file.clone();
         let offset = self.byte_offset(sector);
-        blocking::unblock(move || sys::read_all_at(&file, locked.io_buffers(), offset))
+        let len = buffers.len();
+        let done = self
+            .try_inline(
+                len,
+                &self.nowait_reads,
+                || sys::read_all_at(&self.file, locked.io_buffers(), 0, offset),
+                || sys::read_nowait(&self.file, locked.io_buffers(), offset),
+            )
+            .map_err(DiskError::Io)?;
+        if done == len {
+            return Ok(());
+        }
+        let file = self.file.clone();
+        blocking::unblock(move || sys::read_all_at(&file, locked.io_buffers(), done, offset))
             .await
             .map_err(DiskError::Io)
     }
@@ -244,14 +328,34 @@ impl DiskIo for FileDisk {
             return Ok(());
         }
         let locked = buffers.lock(false)?;
-        let file = self.file.clone();
         let offset = self.byte_offset(sector);
-        blocking::unblock(move || sys::write_all_at(&file, locked.io_buffers(), offset, fua))
+        let len = buffers.len();
+        // A FUA write waits for the device by definition: only a file in memory does it here.
+        let done = if fua && self.inline != Inline::Memory {
+            0
+        } else {
+            self.try_inline(
+                len,
+                &self.nowait_writes,
+                || sys::write_all_at(&self.file, locked.io_buffers(), 0, offset, fua),
+                || sys::write_nowait(&self.file, locked.io_buffers(), offset),
+            )
+            .map_err(DiskError::Io)?
+        };
+        if done == len {
+            return Ok(());
+        }
+        let file = self.file.clone();
+        blocking::unblock(move || sys::write_all_at(&file, locked.io_buffers(), done, offset, fua))
             .await
             .map_err(DiskError::Io)
     }
 
     async fn sync_cache(&self) -> Result<(), DiskError> {
+        if self.inline == Inline::Memory {
+            // Nothing to wait for: the data has no other place to go.
+            return self.file.sync_data().map_err(DiskError::Io);
+        }
         let file = self.file.clone();
         blocking::unblock(move || file.sync_data())
             .await

@@ -1,4 +1,4 @@
-//! `file(PATH, ro, sector_size=BYTES, physical_sector_size=BYTES)`.
+//! `file(PATH, ro, pool, sector_size=BYTES, physical_sector_size=BYTES)`.
 
 use crate::{FileDisk, FileDiskOptions};
 use disk_backend::Disk;
@@ -14,13 +14,14 @@ impl ResolveDisk for FileResolver {
     }
 
     fn usage(&self) -> &str {
-        "file(PATH, [ro], [sector_size=BYTES], [physical_sector_size=BYTES]): a host file"
+        "file(PATH, [ro], [pool], [sector_size=BYTES], [physical_sector_size=BYTES]): a host file (pool: no request on the calling thread)"
     }
 
     fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
         let read_only = args.flag("ro");
         let path = args.positional_text(ctx, "a file path")?;
         let read_only = read_only || args.flag("ro");
+        let pool = args.flag("pool");
         let sector_size = args.named_size(ctx, "sector_size")?.unwrap_or(512);
         let physical = args.named_size(ctx, "physical_sector_size")?;
         args.finish(ctx)?;
@@ -33,6 +34,7 @@ impl ResolveDisk for FileResolver {
             physical_sector_size: physical
                 .map(|p| to_u32(p, "physical_sector_size"))
                 .transpose()?,
+            inline_io: !pool,
         };
         let file = FileDisk::open(path, &options)
             .map_err(|e| ctx.error_with("cannot open the file", e))?;

@@ -10,7 +10,35 @@ use std::os::unix::fs::MetadataExt;
 /// A fresh temporary file of `sectors` sectors opened as a `FileDisk`. A read-only disk is
 /// filled with a pattern first, so reads have something to compare.
 fn file_disk(sectors: u64, sector_size: u32, read_only: bool) -> FileDisk {
-    let mut file = tempfile::tempfile().unwrap();
+    file_disk_in(
+        tempfile::tempfile().unwrap(),
+        sectors,
+        sector_size,
+        read_only,
+        true,
+    )
+}
+
+/// A temporary file in /dev/shm (tmpfs), where small requests run whole on the calling
+/// thread; `None` (with a note) on a machine without it.
+fn shm_file() -> Option<std::fs::File> {
+    match tempfile::tempfile_in("/dev/shm") {
+        Ok(file) => Some(file),
+        Err(e) => {
+            eprintln!("skipped: no tmpfs at /dev/shm ({e})");
+            None
+        }
+    }
+}
+
+/// `file` made `sectors` sectors long and opened as a `FileDisk`.
+fn file_disk_in(
+    mut file: std::fs::File,
+    sectors: u64,
+    sector_size: u32,
+    read_only: bool,
+    inline_io: bool,
+) -> FileDisk {
     if read_only {
         file.write_all(&disk_conformance::pattern(sector_size, 0, sectors, 0x42))
             .unwrap();
@@ -22,7 +50,8 @@ fn file_disk(sectors: u64, sector_size: u32, read_only: bool) -> FileDisk {
     let options = FileDiskOptions {
         read_only,
         sector_size,
-        physical_sector_size: None,
+        inline_io,
+        ..Default::default()
     };
     FileDisk::open(path, &options).unwrap()
 }
@@ -34,6 +63,45 @@ disk_conformance::conformance_tests!(sectors_512, |spec| {
 disk_conformance::conformance_tests!(sectors_4k, |spec| {
     file_disk(spec.sector_count, 4096, spec.read_only)
 });
+
+// Every request through the thread pool.
+disk_conformance::conformance_tests!(pool_only, |spec| {
+    let file = tempfile::tempfile().unwrap();
+    file_disk_in(file, spec.sector_count, 512, spec.read_only, false)
+});
+
+// A file in memory: small requests and flushes whole on the calling thread. Without
+// /dev/shm the suite runs on an ordinary temporary file instead (and says so).
+disk_conformance::conformance_tests!(in_memory, |spec| {
+    let file = shm_file().unwrap_or_else(|| tempfile::tempfile().unwrap());
+    file_disk_in(file, spec.sector_count, 4096, spec.read_only, true)
+});
+
+#[test]
+fn a_read_the_page_cache_holds_in_part_comes_back_whole() {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    use std::os::fd::AsRawFd;
+    // 128 KiB of a pattern, written and synced, then dropped from the page cache but for its
+    // first page: reading 64 KiB, the disk's RWF_NOWAIT attempt gets that page and the pool
+    // reads the rest.
+    let data = disk_conformance::pattern(512, 0, 256, 7);
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&data).unwrap();
+    file.sync_all().unwrap();
+    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    let reader = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+    // RANDOM turns read-ahead off for this descriptor: only the first page gets cached.
+    posix_fadvise(&reader, 0, 0, PosixFadviseAdvice::POSIX_FADV_RANDOM).unwrap();
+    let mut first = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut first, 0).unwrap();
+    let disk = file_disk_in(file, 256, 512, false, true);
+    let buffers = OwnedRequestBuffers::new(64 << 10);
+    block_on(disk.read_vectored(&buffers.buffers(true), 0)).unwrap();
+    assert!(
+        buffers.to_vec() == data[..64 << 10],
+        "the read differs from the file"
+    );
+}
 
 #[test]
 fn open_errors() {

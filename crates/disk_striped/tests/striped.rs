@@ -59,7 +59,7 @@ fn file_member(sectors: u64, sector_size: u32, read_only: bool, salt: u8) -> Dis
     let options = FileDiskOptions {
         read_only,
         sector_size,
-        physical_sector_size: None,
+        ..Default::default()
     };
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
     Disk::new(FileDisk::open(path, &options).unwrap()).unwrap()

@@ -68,6 +68,10 @@ struct ServeArgs {
     /// Present the disk read-only, whatever the stack allows.
     #[arg(long)]
     read_only: bool,
+    /// Longest time, in microseconds, a queue's thread keeps checking for the guest's next
+    /// request before it sleeps; the window adapts to the guest, and 0 turns polling off.
+    #[arg(long, default_value_t = vhost_user_blk::DEFAULT_POLL_MAX.as_micros() as u64)]
+    poll_us: u64,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
                 read_only: args.read_only,
                 ..BlockConfig::default()
             },
+            Duration::from_micros(args.poll_us),
         ),
     };
     match result {

@@ -5,16 +5,25 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 use vhost_user_blk::{Event, Server, SessionEnd};
 use virtio_block::BlockConfig;
 
 /// Serves `spec` on `socket` until a signal asks to stop; then the connection is ended after
 /// its requests in flight and the disk is flushed.
-pub fn serve(socket: &Path, spec: Option<&str>, config: BlockConfig) -> Result<(), String> {
+///
+/// `poll_max` is the longest poll window of the queue threads ([`Server::set_poll_max`]).
+pub fn serve(
+    socket: &Path,
+    spec: Option<&str>,
+    config: BlockConfig,
+    poll_max: Duration,
+) -> Result<(), String> {
     let stack = stack::open(spec)?;
     let read_only = config.read_only || stack.disk.is_read_only();
-    let server =
+    let mut server =
         Server::bind(socket, stack.disk.clone(), config).map_err(|e| stack::error_chain(&e))?;
+    server.set_poll_max(poll_max);
     // The signal handler writes a byte to the pair; the server polls the other end.
     let (stop_reader, stop_writer) =
         UnixStream::pair().map_err(|e| format!("cannot create the stop channel: {e}"))?;

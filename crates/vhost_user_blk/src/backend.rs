@@ -18,6 +18,8 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use thiserror::Error;
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
@@ -43,6 +45,12 @@ fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
 }
+
+/// How long, at most, a queue's thread keeps checking for the guest's next kick before it
+/// sleeps: the poll window grows up to this while kicks follow each other closely and drops
+/// to nothing when they stop. Long enough for a slow guest's next request (User-Mode Linux
+/// takes about 100 µs between a completion and its next kick at queue depth 1).
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(200);
 
 /// The smallest ring the backend expects a frontend to choose. The frontend picks ring
 /// sizes after reading `seg_max`, and a request may not need more descriptors than its ring
@@ -183,6 +191,8 @@ impl Session {
 #[derive(Debug)]
 pub struct VhostUserBlk {
     queue_max_size: u16,
+    /// The longest poll window of the kick threads, in nanoseconds.
+    poll_max_ns: AtomicU64,
     device: Arc<Mutex<BlockDevice>>,
     interrupt: Arc<Interrupt>,
     session: Mutex<Session>,
@@ -202,6 +212,7 @@ impl VhostUserBlk {
         let device = BlockDevice::new(config, disk)?;
         Ok(Self {
             queue_max_size,
+            poll_max_ns: AtomicU64::new(DEFAULT_POLL_MAX.as_nanos() as u64),
             device: Arc::new(Mutex::new(device)),
             interrupt: Arc::new(Interrupt::new(queues)),
             session: Mutex::new(Session::new(queues)),
@@ -213,6 +224,15 @@ impl VhostUserBlk {
     /// messages.
     pub fn offer_backend_channel(&self, fd: OwnedFd) {
         self.session.lock().pending_channel = Some(fd);
+    }
+
+    /// Sets the longest time a queue's thread keeps checking for the guest's next kick
+    /// before it sleeps (default [`DEFAULT_POLL_MAX`]; 0 never polls). The window adapts to
+    /// the guest (see [`POLL_START`](crate::POLL_START)); it applies to rings started
+    /// afterwards.
+    pub fn set_poll_max(&self, max: Duration) {
+        let ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        self.poll_max_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Stops every ring (waiting for the requests in flight), unmaps guest memory and
@@ -510,8 +530,14 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
         let fd = fd.ok_or(RequestError::NoKickFd(index))?;
         let old = session.vrings[i].kick.take();
         drop(old);
-        let worker = KickWorker::start(u16::from(index), OwnedFd::from(fd), self.device.clone())
-            .map_err(RequestError::Thread)?;
+        let poll_max = Duration::from_nanos(self.poll_max_ns.load(Ordering::Relaxed));
+        let worker = KickWorker::start(
+            u16::from(index),
+            OwnedFd::from(fd),
+            self.device.clone(),
+            poll_max,
+        )
+        .map_err(RequestError::Thread)?;
         session.vrings[i].kick = Some(worker);
         self.apply_reply(&mut session, false)?;
         if session.live[i] {

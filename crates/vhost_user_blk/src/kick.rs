@@ -4,6 +4,17 @@
 //! device process the queue. The device's asynchronous engine only pops and starts requests
 //! there (a request that cannot finish at once moves to the engine's executor thread), so a
 //! kick thread never waits for the disk.
+//!
+//! # Polling
+//!
+//! Going to sleep and being woken by the next kick costs a context switch each way, which is
+//! a large part of a small request's latency. So after serving a kick the thread keeps
+//! checking the eventfd, without sleeping, for a while (the poll window) before it sleeps.
+//! The window adapts, as QEMU's event loop does (`poll-max-ns`): it starts at 0, grows (from
+//! [`POLL_START`], doubling) each time a sleep ended sooner than the maximum, so that polling
+//! would have caught the kick, and drops back to 0 when a sleep lasted longer than the
+//! maximum (the guest went quiet). A busy queue thus costs up to one core while it is busy,
+//! and an idle one nothing. A maximum of 0 turns polling off.
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -12,6 +23,10 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The first poll window once polling starts.
+pub const POLL_START: Duration = Duration::from_micros(4);
 use virtio_block::{BlockDevice, VirtioDevice};
 
 /// A running kick thread; dropping it stops the thread and closes the kick eventfd.
@@ -23,17 +38,19 @@ pub(crate) struct KickWorker {
 
 impl KickWorker {
     /// Starts watching `kick` for queue `index` of `device`.
+    /// `poll_max` is the longest poll window (see the module documentation).
     pub fn start(
         index: u16,
         kick: OwnedFd,
         device: Arc<Mutex<BlockDevice>>,
+        poll_max: Duration,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
         let thread = std::thread::Builder::new()
             .name(format!("vhost-kick-{index}"))
             .spawn({
                 let stop = stop.clone();
-                move || watch(index, &kick, &stop, &device)
+                move || watch(index, &kick, &stop, &device, poll_max)
             })?;
         Ok(Self {
             stop,
@@ -54,17 +71,48 @@ impl Drop for KickWorker {
     }
 }
 
-fn watch(index: u16, kick: &OwnedFd, stop: &EventFd, device: &Mutex<BlockDevice>) {
+/// The next poll window after a sleep of `slept` with window `window`: grown if a longer
+/// window (up to `max`) would have caught the kick, 0 if the queue went quiet for longer.
+fn adapt(window: Duration, slept: Duration, max: Duration) -> Duration {
+    if slept > max {
+        Duration::ZERO
+    } else if window < max {
+        (window * 2).clamp(POLL_START, max)
+    } else {
+        window
+    }
+}
+
+fn watch(
+    index: u16,
+    kick: &OwnedFd,
+    stop: &EventFd,
+    device: &Mutex<BlockDevice>,
+    poll_max: Duration,
+) {
     let mut buf = [0u8; 8];
+    let mut window = Duration::ZERO;
+    let mut served = Instant::now();
     loop {
         let mut fds = [
             PollFd::new(kick.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let polling = served.elapsed() < window;
+        let timeout = if polling {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
+        };
+        let asleep = (!polling).then(Instant::now);
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue,
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(_) => return,
+        }
+        if let Some(asleep) = asleep {
+            window = adapt(window, asleep.elapsed(), poll_max);
         }
         if fds[1].any().unwrap_or(true) {
             return;
@@ -87,5 +135,33 @@ fn watch(index: u16, kick: &OwnedFd, stop: &EventFd, device: &Mutex<BlockDevice>
             Err(_) => return,
         }
         device.lock().process_queue(index);
+        served = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_grows_while_kicks_come_soon_and_drops_when_they_stop() {
+        let max = Duration::from_micros(100);
+        let soon = Duration::from_micros(30);
+        let mut window = Duration::ZERO;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            window = adapt(window, soon, max);
+            seen.push(window.as_micros());
+        }
+        assert_eq!(seen, [4, 8, 16, 32, 64, 100, 100]);
+        assert_eq!(
+            adapt(window, Duration::from_micros(101), max),
+            Duration::ZERO
+        );
+        // A maximum of 0 never polls.
+        assert_eq!(
+            adapt(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
     }
 }

@@ -47,5 +47,6 @@ mod kick;
 pub mod memory;
 mod server;
 
-pub use backend::{MIN_EXPECTED_RING, RequestError, VhostUserBlk};
+pub use backend::{DEFAULT_POLL_MAX, MIN_EXPECTED_RING, RequestError, VhostUserBlk};
+pub use kick::POLL_START;
 pub use server::{BindError, Event, ServeError, Server, SessionEnd, serve_connection};

@@ -7,7 +7,7 @@
 //! accepts the next connection. When the stop descriptor becomes readable the server stops
 //! accepting, ends the current connection the same way and returns.
 
-use crate::backend::VhostUserBlk;
+use crate::backend::{DEFAULT_POLL_MAX, VhostUserBlk};
 use crate::memory::MemoryRegion;
 use disk_backend::{Disk, DiskError};
 use nix::errno::Errno;
@@ -19,6 +19,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 use vhost::vhost_user::BackendReqHandler;
 use virtio_block::{BlockConfig, NewDeviceError};
@@ -112,6 +113,7 @@ pub struct Server {
     path: PathBuf,
     disk: Disk,
     config: BlockConfig,
+    poll_max: Duration,
 }
 
 impl Server {
@@ -140,7 +142,14 @@ impl Server {
             path,
             disk,
             config,
+            poll_max: DEFAULT_POLL_MAX,
         })
+    }
+
+    /// Sets how long a queue's thread may keep checking for the guest's next kick before
+    /// it sleeps (see [`VhostUserBlk::set_poll_max`]); 0 turns polling off.
+    pub fn set_poll_max(&mut self, max: Duration) {
+        self.poll_max = max;
     }
 
     /// The socket's path.
@@ -178,7 +187,10 @@ impl Server {
             };
             events(Event::Connected);
             let handler = match VhostUserBlk::new(self.disk.clone(), self.config.clone()) {
-                Ok(handler) => Arc::new(handler),
+                Ok(handler) => {
+                    handler.set_poll_max(self.poll_max);
+                    Arc::new(handler)
+                }
                 // `bind` built the same device: only a disk that changed under us (shrunk to
                 // nothing) can fail here. Refuse this connection and keep listening.
                 Err(_) => continue,

@@ -4,11 +4,19 @@
 //! # Threads
 //!
 //! The thread that rings the doorbell pops chains, parses them and starts each request by
-//! polling its future once. A request that finishes at once (a RAM disk) completes right
-//! there, with no thread hop; one that does not is handed to the device's executor thread (a
-//! `futures` `LocalPool`), which drives it to completion. A future's poll never blocks, so
-//! the doorbell thread never waits for I/O. Completions write the status, put the chain in
-//! the used ring and interrupt if the driver wants it, from whichever thread finished them.
+//! polling its future once. A request that finishes at once (a RAM disk, a file the page
+//! cache serves) completes right there, with no thread hop. One that does not is left with
+//! the disk: when the disk wakes it, it is queued to the device's executor thread, which polls
+//! it again (each request is an `async-task` task; nothing is handed over until there is
+//! work to do). A future's poll never blocks, so the doorbell thread never waits for I/O.
+//! Completions write the status and put the chain in the used ring from whichever of the two
+//! threads finished them.
+//!
+//! Interrupts are sent per batch, not per request: the doorbell thread once it has popped
+//! what the driver made available, the executor thread once it has run what was queued to
+//! it. Each asks the driver's event index whether it wants one for everything completed
+//! since, so a driver that takes completions as fast as they come still gets them all at
+//! once, and takes one interrupt where it would have taken one per request.
 //!
 //! At most a queue size of requests are in flight per queue: a driver that keeps republishing
 //! heads it has not got back cannot make the device hold more. When the limit is reached the
@@ -35,20 +43,18 @@ use super::EngineContext;
 use crate::queue::{QueueError, QueueState, SplitQueue};
 use crate::request::{self, DataSegments, Operation, Request, SectorRange};
 use crate::spec::blk;
+use async_task::Runnable;
 use disk_backend::{Disk, DiskError, UnmapBehavior};
-use futures::StreamExt;
-use futures::channel::mpsc;
-use futures::executor::LocalPool;
 use futures::future::{AbortHandle, Abortable};
-use futures::task::{LocalSpawnExt, noop_waker_ref};
 use guestmem::{MemoryRead, PAGE_SIZE, PagedRange};
 use parking_lot::{Condvar, Mutex};
 use request_buffers::{OwnedRequestBuffers, RequestBuffers};
 use smallvec::SmallVec;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Context;
 use std::thread::JoinHandle;
 
 /// The most bytes handed to the disk in one zero-copy request (256 pages).
@@ -60,7 +66,143 @@ pub const BOUNCE_BYTES: usize = 64 << 10;
 /// Size of the shared buffer of zeros write-zeroes writes from.
 const ZERO_BYTES: usize = 64 << 10;
 
-type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The tasks the executor thread polls: those their disk woke, and the resize watcher.
+struct RunQueue {
+    state: Mutex<RunState>,
+    ready: Condvar,
+}
+
+struct RunState {
+    queued: VecDeque<Runnable>,
+    /// Tasks spawned and not yet finished (or dropped).
+    live: usize,
+    /// No new tasks: the executor thread returns once `live` is 0.
+    closed: bool,
+}
+
+impl RunQueue {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(RunState {
+                queued: VecDeque::new(),
+                live: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        })
+    }
+
+    /// Makes `future` a task whose wake-ups queue it here, and returns it unpolled: the
+    /// caller polls it first, on its own thread.
+    fn spawn(self: &Arc<Self>, future: impl Future<Output = ()> + Send + 'static) -> Runnable {
+        self.state.lock().live += 1;
+        let finished = LiveTask(self.clone());
+        let future = async move {
+            let _finished = finished;
+            future.await;
+        };
+        let queue = self.clone();
+        let (runnable, task) = async_task::spawn(future, move |runnable| {
+            queue.state.lock().queued.push_back(runnable);
+            queue.ready.notify_one();
+        });
+        task.detach();
+        runnable
+    }
+
+    /// The executor thread: runs what is queued, batch by batch, until closed and idle.
+    fn run(&self) {
+        let mut batch = VecDeque::new();
+        loop {
+            {
+                let mut state = self.state.lock();
+                while state.queued.is_empty() {
+                    if state.closed && state.live == 0 {
+                        return;
+                    }
+                    self.ready.wait(&mut state);
+                }
+                std::mem::swap(&mut batch, &mut state.queued);
+            }
+            Notifications::batch(|| {
+                for runnable in batch.drain(..) {
+                    runnable.run();
+                }
+            });
+        }
+    }
+
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Counts a task as live until its future is finished or dropped.
+struct LiveTask(Arc<RunQueue>);
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.live -= 1;
+        if state.live == 0 && state.closed {
+            self.0.ready.notify_all();
+        }
+    }
+}
+
+thread_local! {
+    /// The queues with completions not yet told to the driver, while this thread runs a
+    /// batch (`None` outside one).
+    static UNSIGNALLED: RefCell<Option<SmallVec<[Arc<QueueWorker>; 4]>>> =
+        const { RefCell::new(None) };
+}
+
+/// Used-buffer interrupts deferred to the end of a batch of work on one thread.
+struct Notifications;
+
+impl Notifications {
+    /// Runs `work`, then asks each queue it completed requests on whether the driver wants
+    /// an interrupt. Nested calls join the outer batch.
+    fn batch(work: impl FnOnce()) {
+        let outer = UNSIGNALLED.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_some() {
+                true
+            } else {
+                *cell = Some(SmallVec::new());
+                false
+            }
+        });
+        work();
+        if outer {
+            return;
+        }
+        // Signalling may complete nothing, so it cannot add to the list: take it whole.
+        let workers = UNSIGNALLED.with(|cell| cell.borrow_mut().take());
+        for worker in workers.into_iter().flatten() {
+            worker.signal();
+        }
+    }
+
+    /// Notes that `worker` completed requests: signalled at the end of this thread's batch,
+    /// or now outside one.
+    fn completed(worker: &Arc<QueueWorker>) {
+        if worker.unsignalled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let deferred = UNSIGNALLED.with(|cell| match cell.borrow_mut().as_mut() {
+            Some(list) => {
+                list.push(worker.clone());
+                true
+            }
+            None => false,
+        });
+        if !deferred {
+            worker.signal();
+        }
+    }
+}
 
 struct WorkerState {
     queue: SplitQueue,
@@ -75,14 +217,21 @@ struct QueueWorker {
     index: u16,
     disk: Disk,
     ctx: Arc<EngineContext>,
-    spawner: mpsc::UnboundedSender<Task>,
+    tasks: Arc<RunQueue>,
     state: Mutex<WorkerState>,
     idle: Condvar,
+    /// Requests completed since the driver was last asked whether it wants an interrupt.
+    unsignalled: AtomicBool,
 }
 
 impl QueueWorker {
-    /// Pops and starts requests until the queue is empty or the in-flight limit is reached.
+    /// Pops and starts requests until the queue is empty or the in-flight limit is reached,
+    /// then interrupts the driver once for those that completed meanwhile, if it wants one.
     fn process(self: &Arc<Self>) {
+        Notifications::batch(|| self.pop_and_start());
+    }
+
+    fn pop_and_start(self: &Arc<Self>) {
         loop {
             let request = {
                 let mut state = self.state.lock();
@@ -123,27 +272,20 @@ impl QueueWorker {
 
     fn start(self: &Arc<Self>, request: Request) {
         let worker = self.clone();
-        let mut task: Task = Box::pin(async move {
+        let task = self.tasks.spawn(async move {
             let (status, written) = execute(&worker.disk, &worker.ctx, &request.operation).await;
             worker.complete(&request, status, written);
         });
-        // Requests that finish at once complete here, without a hop to the executor thread.
-        let mut cx = Context::from_waker(noop_waker_ref());
-        if task.as_mut().poll(&mut cx).is_pending() {
-            // The executor polls a new task at least once, so a wake-up sent to the no-op
-            // waker meanwhile is not lost. The channel closes only once nothing is in
-            // flight (see `stop`), and this request is.
-            let _ = self.spawner.unbounded_send(task);
-        }
+        // The first poll happens here: a request that finishes at once completes without a
+        // hop to the executor thread; one that does not is queued there when its disk wakes
+        // it. The run queue closes only once nothing is in flight (see `stop`).
+        task.run();
     }
 
     fn complete(self: &Arc<Self>, request: &Request, status: u8, written: u64) {
         let len = request.complete(&self.ctx.mem, status, written);
         let mut state = self.state.lock();
-        let result = state
-            .queue
-            .add_used(request.head, len)
-            .and_then(|()| state.queue.needs_notification());
+        let result = state.queue.add_used(request.head, len);
         state.in_flight -= 1;
         if state.in_flight == 0 {
             self.idle.notify_all();
@@ -151,12 +293,25 @@ impl QueueWorker {
         let resume = std::mem::take(&mut state.blocked);
         drop(state);
         match result {
-            Ok(true) => self.ctx.interrupt.signal_used_queue(self.index),
-            Ok(false) => {}
+            Ok(()) => Notifications::completed(self),
             Err(error) => self.ctx.fail(error),
         }
         if resume {
             self.process();
+        }
+    }
+
+    /// Interrupts the driver if it wants to hear of the requests completed since it was
+    /// last asked.
+    fn signal(&self) {
+        if !self.unsignalled.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let result = self.state.lock().queue.needs_notification();
+        match result {
+            Ok(true) => self.ctx.interrupt.signal_used_queue(self.index),
+            Ok(false) => {}
+            Err(error) => self.ctx.fail(error),
         }
     }
 }
@@ -164,7 +319,7 @@ impl QueueWorker {
 /// The live asynchronous engine.
 pub(crate) struct DiskEngine {
     workers: Vec<Option<Arc<QueueWorker>>>,
-    spawner: mpsc::UnboundedSender<Task>,
+    tasks: Arc<RunQueue>,
     thread: Option<JoinHandle<()>>,
     resize: AbortHandle,
 }
@@ -177,21 +332,12 @@ impl DiskEngine {
         queues: Vec<Option<SplitQueue>>,
     ) -> std::io::Result<Self> {
         let ctx = Arc::new(ctx);
-        let (spawner, tasks) = mpsc::unbounded::<Task>();
+        let tasks = RunQueue::new();
         let thread = std::thread::Builder::new()
             .name("virtio-blk-io".into())
-            .spawn(move || {
-                let mut pool = LocalPool::new();
-                let local = pool.spawner();
-                pool.run_until(tasks.for_each(|task| {
-                    // Spawning fails only once the pool is shut down, which it is not while
-                    // this loop runs.
-                    let _ = local.spawn_local(task);
-                    async {}
-                }));
-                // The channel is closed: finish what is left (nothing is in flight by then;
-                // the aborted resize watcher ends at its next poll).
-                pool.run();
+            .spawn({
+                let tasks = tasks.clone();
+                move || tasks.run()
             })?;
         let (resize, registration) = AbortHandle::new_pair();
         let watcher = {
@@ -210,9 +356,12 @@ impl DiskEngine {
                 }
             }
         };
-        let _ = spawner.unbounded_send(Box::pin(async move {
-            let _ = Abortable::new(watcher, registration).await;
-        }));
+        // Its first poll, like every later one, on the executor thread.
+        tasks
+            .spawn(async move {
+                let _ = Abortable::new(watcher, registration).await;
+            })
+            .schedule();
         let workers = queues
             .into_iter()
             .enumerate()
@@ -222,7 +371,7 @@ impl DiskEngine {
                         index: index as u16,
                         disk: disk.clone(),
                         ctx: ctx.clone(),
-                        spawner: spawner.clone(),
+                        tasks: tasks.clone(),
                         state: Mutex::new(WorkerState {
                             queue,
                             in_flight: 0,
@@ -230,13 +379,14 @@ impl DiskEngine {
                             stopped: false,
                         }),
                         idle: Condvar::new(),
+                        unsignalled: AtomicBool::new(false),
                     })
                 })
             })
             .collect();
         Ok(Self {
             workers,
-            spawner,
+            tasks,
             thread: Some(thread),
             resize,
         })
@@ -262,8 +412,10 @@ impl DiskEngine {
                 worker.idle.wait(&mut state);
             }
         }
+        // The aborted resize watcher ends at its next poll, and the executor thread once it
+        // has (nothing else is in flight by now).
         self.resize.abort();
-        self.spawner.close_channel();
+        self.tasks.close();
         if let Some(thread) = self.thread.take() {
             // A panic on the executor thread would have been a bug in a request future;
             // there is nothing left to clean up after it.
