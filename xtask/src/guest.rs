@@ -291,22 +291,29 @@ fn remove_stale_socket(socket: &Path) -> Result {
 }
 
 impl Export {
-    /// qemu-storage-daemon serving `image` from the page cache.
+    /// qemu-storage-daemon serving `image` from the page cache; with `iothread`, from an
+    /// I/O thread (which polls, up to 32 µs by default) instead of its main loop.
     pub fn qemu_storage_daemon(
         image: &Path,
         socket: &Path,
         read_only: bool,
+        iothread: bool,
         log: &Path,
     ) -> Result<Self> {
         remove_stale_socket(socket)?;
-        let child = Command::new("qemu-storage-daemon")
+        let mut command = Command::new("qemu-storage-daemon");
+        if iothread {
+            command.args(["--object", "iothread,id=iothread0"]);
+        }
+        let child = command
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=file0,filename={},cache.direct=off", image.display()))
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable={}",
+                "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable={}{}",
                 socket.display(),
-                if read_only { "off" } else { "on" }
+                if read_only { "off" } else { "on" },
+                if iothread { ",iothread=iothread0" } else { "" }
             ))
             .stdout(Stdio::null())
             .stderr(log_file(log)?)
@@ -879,7 +886,7 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
     let log = dir.join(format!("{}.log", case.name));
     let export = match case.kind {
         ExportKind::Qsd => {
-            Export::qemu_storage_daemon(&case.images[0].0, &socket, case.read_only, &log)?
+            Export::qemu_storage_daemon(&case.images[0].0, &socket, case.read_only, false, &log)?
         }
         ExportKind::Diskctl => Export::diskctl(
             diskctl.ok_or("no diskctl binary")?,
@@ -1027,12 +1034,18 @@ fn bench_once(guest: &Guest, export: Export, runtime: u32) -> Result<Vec<JobResu
 /// fio jobs against qemu-storage-daemon and `diskctl serve` on one backing file, alternated,
 /// with the ratio per job.
 pub fn bench_guest(args: &[String]) -> Result {
-    let usage = "usage: cargo xtask bench guest [--runtime SECS] [--rounds N] [--spec SPEC]";
+    let usage = "usage: cargo xtask bench guest [--runtime SECS] [--rounds N] [--spec SPEC] \
+                 [--qsd-iothread]";
+    let mut qsd_iothread = false;
     let mut runtime = 10u32;
-    let mut rounds = 2u32;
+    let mut rounds = 3u32;
     let mut spec_template = "file:IMAGE".to_string();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--qsd-iothread" {
+            qsd_iothread = true;
+            continue;
+        }
         let value = it.next().ok_or(usage)?;
         match flag.as_str() {
             "--runtime" => runtime = value.parse().map_err(|_| usage)?,
@@ -1069,7 +1082,7 @@ pub fn bench_guest(args: &[String]) -> Result {
     let result = (|| -> Result {
         for round in 1..=rounds {
             eprintln!("xtask: bench guest: round {round}/{rounds}: qemu-storage-daemon");
-            let export = Export::qemu_storage_daemon(&image, &socket, false, &log)?;
+            let export = Export::qemu_storage_daemon(&image, &socket, false, qsd_iothread, &log)?;
             qsd.push(bench_once(&guest, export, runtime)?);
             eprintln!("xtask: bench guest: round {round}/{rounds}: diskctl serve");
             let spec = spec_template.replace("IMAGE", &image.display().to_string());
@@ -1080,35 +1093,63 @@ pub fn bench_guest(args: &[String]) -> Result {
     })();
     let _ = std::fs::remove_file(&image);
     result?;
-    let mean = |runs: &[Vec<JobResult>], job: usize| -> JobResult {
-        let n = runs.len() as f64;
-        let (iops, kibps) = runs
-            .iter()
-            .fold((0.0, 0.0), |(a, b), r| (a + r[job].0, b + r[job].1));
-        (iops / n, kibps / n)
+    // The figure a job reports: bandwidth for the write job, IOPS for the others.
+    let figure = |job: usize, (iops, kibps): JobResult| -> f64 {
+        if BENCH_JOBS[job].starts_with("write") {
+            kibps / 1024.0
+        } else {
+            iops
+        }
+    };
+    let unit = |job: usize| {
+        if BENCH_JOBS[job].starts_with("write") {
+            "MiB/s"
+        } else {
+            "IOPS"
+        }
+    };
+    let median = |runs: &[Vec<JobResult>], job: usize| -> f64 {
+        let mut values: Vec<f64> = runs.iter().map(|r| figure(job, r[job])).collect();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        }
     };
     println!(
-        "User-Mode Linux guest, fio libaio direct I/O on /dev/vda, {runtime} s per job, mean of {rounds} alternated rounds"
+        "User-Mode Linux guest, fio libaio direct I/O on /dev/vda, {runtime} s per job, \
+         {rounds} alternated rounds; qemu-storage-daemon {}, diskctl serve '{spec_template}'",
+        if qsd_iothread {
+            "with an iothread"
+        } else {
+            "with its defaults"
+        }
     );
     println!(
-        "{:<18} {:>22} {:>22} {:>7}",
-        "job", "qemu-storage-daemon", "diskctl serve", "ratio"
+        "{:<18} {:>20} {:>20} {:>7}   per round (qsd / ours = ratio)",
+        "job (median)", "qemu-storage-daemon", "diskctl serve", "ratio"
     );
     for (job, name) in BENCH_JOBS.iter().enumerate() {
-        let (a, b) = (mean(&qsd, job), mean(&ours, job));
-        let show = |(iops, kibps): JobResult| {
-            if name.starts_with("write") {
-                format!("{:.0} MiB/s", kibps / 1024.0)
-            } else {
-                format!("{iops:.0} IOPS")
-            }
-        };
-        let ratio = if name.starts_with("write") {
-            b.1 / a.1
-        } else {
-            b.0 / a.0
-        };
-        println!("{name:<18} {:>22} {:>22} {ratio:>6.2}x", show(a), show(b));
+        let (a, b) = (median(&qsd, job), median(&ours, job));
+        let rounds: Vec<String> = qsd
+            .iter()
+            .zip(&ours)
+            .map(|(q, o)| {
+                let (q, o) = (figure(job, q[job]), figure(job, o[job]));
+                format!("{q:.0}/{o:.0}={:.2}x", o / q)
+            })
+            .collect();
+        println!(
+            "{name:<18} {:>14.0} {:<5} {:>14.0} {:<5} {:>6.2}x   {}",
+            a,
+            unit(job),
+            b,
+            unit(job),
+            b / a,
+            rounds.join("  ")
+        );
     }
     Ok(())
 }

@@ -26,10 +26,12 @@ verbs:
                       disk_blockdevice against fio on loop devices it creates (root;
                       installs fio if missing); ARGS: --runtime SECS, --reps N,
                       --size-mib MIB, --only shm|disk
-  bench guest [--runtime SECS] [--rounds N]
+  bench guest [--runtime SECS] [--rounds N] [--spec SPEC] [--qsd-iothread]
                       the same User-Mode Linux guest and fio jobs against
-                      qemu-storage-daemon and diskctl serve on one backing file, with
-                      the ratio (release build; about 2.5 minutes)
+                      qemu-storage-daemon and diskctl serve on one backing file in
+                      /dev/shm, alternated (default 10 s, 3 rounds: about 4 minutes),
+                      medians and ratios; SPEC names the file IMAGE (default file:IMAGE);
+                      --qsd-iothread gives qemu-storage-daemon a polling I/O thread
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
