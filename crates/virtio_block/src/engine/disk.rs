@@ -165,24 +165,26 @@ impl Notifications {
     /// Runs `work`, then asks each queue it completed requests on whether the driver wants
     /// an interrupt. Nested calls join the outer batch.
     fn batch(work: impl FnOnce()) {
-        let outer = UNSIGNALLED.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.is_some() {
-                true
-            } else {
-                *cell = Some(SmallVec::new());
-                false
+        /// Ends the outermost batch, even if `work` panics.
+        struct Outermost;
+        impl Drop for Outermost {
+            fn drop(&mut self) {
+                // Signalling completes nothing, so it cannot add to the list: take it whole.
+                let workers = UNSIGNALLED.with(|cell| cell.borrow_mut().take());
+                for worker in workers.into_iter().flatten() {
+                    worker.signal();
+                }
             }
+        }
+        let outermost = UNSIGNALLED.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            cell.is_none().then(|| {
+                *cell = Some(SmallVec::new());
+                Outermost
+            })
         });
         work();
-        if outer {
-            return;
-        }
-        // Signalling may complete nothing, so it cannot add to the list: take it whole.
-        let workers = UNSIGNALLED.with(|cell| cell.borrow_mut().take());
-        for worker in workers.into_iter().flatten() {
-            worker.signal();
-        }
+        drop(outermost);
     }
 
     /// Notes that `worker` completed requests: signalled at the end of this thread's batch,
