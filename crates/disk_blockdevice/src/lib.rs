@@ -39,8 +39,9 @@
 //!   The disk registers an eventfd with the ring (`IORING_REGISTER_EVENTFD`), and a task on
 //!   the tokio runtime that is current at [`BlockDeviceDisk::open`] waits for it through the
 //!   runtime's own reactor, then reaps and wakes. A completion then costs no hand-off between
-//!   threads when the futures run on that runtime (about 10 to 20 % more IOPS than the
-//!   default at memory speed, `docs/benchmarks.md`). The futures still work under any
+//!   threads when the futures run on that runtime (up to about 10 % more IOPS than the
+//!   default at queue depth 32, and at queue depth 1 on a disk-backed device:
+//!   `docs/benchmarks.md`). The futures still work under any
 //!   executor as long as the runtime runs (a current-thread runtime runs only while something
 //!   blocks on it); if the runtime shuts down before the disk is dropped, a completion thread
 //!   takes over. Opening fails with [`RingError::NoRuntime`] outside a runtime with I/O
