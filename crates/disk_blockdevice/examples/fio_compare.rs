@@ -1,15 +1,21 @@
 //! `BlockDeviceDisk` against fio's io_uring engine, on the same loop devices, in one run.
 //!
-//! Run as root with `cargo xtask bench blockdevice [--runtime SECS] [--reps N] [--only shm|disk]`.
-//! It creates two loop devices with `--direct-io=on` (one backed by a file in `/dev/shm`,
-//! one by a file on disk in `/var/tmp`), installs fio with apt-get if it is missing, and for
-//! each workload (4 KiB random read at queue depth 1 and 32, 1 MiB sequential read and
-//! write at depth 8, all `O_DIRECT`) alternates fio and this crate `--reps` times, then
-//! prints IOPS, bandwidth, mean and p99 latency per run, their medians, and the ratio of
-//! each pair (ours / fio). Not part of CI: the figures depend on the machine.
+//! Run as root with `cargo xtask bench blockdevice [--runtime SECS] [--reps N] [--only shm|disk]
+//! [--engine TEXT] [--workload TEXT] [--size-mib N]`. It creates two loop devices with
+//! `--direct-io=on` (one backed by a file in `/dev/shm`, one by a file on disk in `/var/tmp`),
+//! installs fio with apt-get if it is missing, and for each workload (4 KiB random read at
+//! queue depth 1 and 32, 1 MiB sequential read and write at depth 8, all `O_DIRECT`)
+//! alternates fio and each of our engines `--reps` times, then prints IOPS, bandwidth, mean
+//! and p99 latency per run, their medians, and the ratio of each pair (ours / fio). Our
+//! engines: the default options driven by `futures::executor::block_on` (what an executor
+//! without a reactor gets, such as the `LocalPool` of `virtio_block`), `Completions::Tokio`
+//! on a tokio current-thread runtime, and at queue depth 1 the default with
+//! `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
+//! names contain the text (for profiling; without fio the ratios are to the first engine
+//! kept). Not part of CI: the figures depend on the machine.
 
 use disk_backend::Disk;
-use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions};
+use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::{Rng, SeedableRng};
@@ -77,6 +83,10 @@ struct Options {
     reps: usize,
     size_mib: u64,
     only: Option<String>,
+    /// Only the engines whose name contains this (fio is "fio"), for profiling.
+    engine: Option<String>,
+    /// Only the workloads whose name contains this.
+    workload: Option<String>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -85,6 +95,8 @@ fn parse_options() -> Result<Options, String> {
         reps: 3,
         size_mib: 1024,
         only: None,
+        engine: None,
+        workload: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -94,6 +106,8 @@ fn parse_options() -> Result<Options, String> {
             "--reps" => options.reps = value()?.parse().map_err(|_| "bad --reps")?,
             "--size-mib" => options.size_mib = value()?.parse().map_err(|_| "bad --size-mib")?,
             "--only" => options.only = Some(value()?),
+            "--engine" => options.engine = Some(value()?),
+            "--workload" => options.workload = Some(value()?),
             _ => return Err(format!("unknown argument {arg}")),
         }
     }
@@ -209,7 +223,18 @@ async fn one_request(
     (slot, issued)
 }
 
-fn run_ours(disk: &Disk, workload: &Workload, runtime: u64) -> Figures {
+/// How an engine of ours drives its futures.
+#[derive(Clone, Copy)]
+enum Executor<'a> {
+    /// `futures::executor::block_on` on the calling thread (any executor without a reactor
+    /// behaves alike: it parks the thread until a waker unparks it).
+    BlockOn,
+    /// A tokio current-thread runtime, which also runs the disk's completion task
+    /// (`Completions::Tokio`).
+    Tokio(&'a tokio::runtime::Runtime),
+}
+
+fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u64) -> Figures {
     let sector_size = disk.sector_size() as u64;
     let sectors_per_request = workload.block_size as u64 / sector_size;
     let positions = disk.sector_count() / sectors_per_request;
@@ -235,7 +260,7 @@ fn run_ours(disk: &Disk, workload: &Workload, runtime: u64) -> Figures {
     let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 20);
     let start = Instant::now();
     let end = start + Duration::from_secs(runtime);
-    futures::executor::block_on(async {
+    let job = async {
         let mut in_flight = FuturesUnordered::new();
         for (slot, buffer) in buffers.iter().enumerate() {
             in_flight.push(one_request(
@@ -261,7 +286,11 @@ fn run_ours(disk: &Disk, workload: &Workload, runtime: u64) -> Figures {
                 ));
             }
         }
-    });
+    };
+    match executor {
+        Executor::BlockOn => futures::executor::block_on(job),
+        Executor::Tokio(runtime) => runtime.block_on(job),
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let count = latencies_ns.len();
     let mean = latencies_ns.iter().sum::<u64>() as f64 / count as f64;
@@ -309,25 +338,63 @@ fn format_runs(runs: &[Figures], value: impl Fn(&Figures) -> f64, scale: f64) ->
         .join(", ")
 }
 
-/// Engines compared against fio: the default options, and (at queue depth 1, where a thread
-/// wake-up is a large part of the latency) the completion thread polling for 50 µs.
+/// The completion thread's polling time of the `spin` engine (QD1 only, where a thread
+/// wake-up is a large part of the latency).
 const SPIN: Duration = Duration::from_micros(50);
+
+/// One engine of ours: a disk and how its futures are driven.
+struct Ours<'a> {
+    disk: Disk,
+    executor: Executor<'a>,
+}
 
 fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
     let device = LoopDevice::new(dir, options.size_mib << 20)?;
-    let open = |completion_spin| -> Result<Disk, String> {
+    let open = |completion_spin, completions| -> Result<Disk, String> {
         let backend = BlockDeviceDisk::open(
             &device.path,
             &BlockDeviceOptions {
                 completion_spin,
+                completions,
                 ..Default::default()
             },
         )
         .map_err(|e| format!("open {}: {e}", device.path.display()))?;
         Disk::new(backend).map_err(|e| e.to_string())
     };
-    let disk = open(Duration::ZERO)?;
-    let spinning = open(SPIN)?;
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let thread_disk = open(Duration::ZERO, Completions::Thread)?;
+    let spinning = open(SPIN, Completions::Thread)?;
+    let tokio_disk = {
+        let _context = tokio.enter();
+        open(Duration::ZERO, Completions::Tokio)?
+    };
+    let all: Vec<(&str, Ours<'_>)> = vec![
+        (
+            "ours (default), block_on",
+            Ours {
+                disk: thread_disk,
+                executor: Executor::BlockOn,
+            },
+        ),
+        (
+            "ours, tokio mode, current-thread runtime",
+            Ours {
+                disk: tokio_disk,
+                executor: Executor::Tokio(&tokio),
+            },
+        ),
+        (
+            "ours (default), block_on, spin 50 µs",
+            Ours {
+                disk: spinning,
+                executor: Executor::BlockOn,
+            },
+        ),
+    ];
     println!(
         "\n### {label}: {} over {} ({} MiB, --direct-io=on)\n",
         device.path.display(),
@@ -338,11 +405,28 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let wanted = |name: &str| {
+        options
+            .engine
+            .as_ref()
+            .is_none_or(|e| name.contains(e.as_str()))
+    };
     for workload in &WORKLOADS {
-        let mut engines: Vec<(&str, Option<&Disk>)> = vec![("fio", None), ("ours", Some(&disk))];
-        if workload.queue_depth == 1 {
-            engines.push(("ours, spin 50 µs", Some(&spinning)));
+        if options
+            .workload
+            .as_ref()
+            .is_some_and(|w| !workload.name.contains(w.as_str()))
+        {
+            continue;
         }
+        let mut engines: Vec<(&str, Option<&Ours<'_>>)> = vec![("fio", None)];
+        for (name, ours) in &all {
+            if name.contains("spin") && workload.queue_depth != 1 {
+                continue;
+            }
+            engines.push((name, Some(ours)));
+        }
+        engines.retain(|(name, _)| wanted(name));
         let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); engines.len()];
         for rep in 0..options.reps {
             // Alternate the order, so drift over time does not favour one engine.
@@ -353,7 +437,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             for i in order {
                 let figures = match engines[i].1 {
                     None => run_fio(&device.path, workload, options.runtime)?,
-                    Some(disk) => run_ours(disk, workload, options.runtime),
+                    Some(ours) => run_ours(&ours.disk, ours.executor, workload, options.runtime),
                 };
                 runs[i].push(figures);
             }

@@ -1,7 +1,7 @@
 //! `BlockDeviceDisk`: opening, geometry, and the `DiskIo` implementation.
 
 use crate::pr::{self, DevicePr};
-use crate::ring::{self, Op, Owned, Ring, RingError};
+use crate::ring::{self, Completions, Op, Owned, Ring, RingError};
 use crate::sys::{self, DeviceNumber, Sysfs};
 use crate::uevent::{self, SizeWatch};
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
@@ -37,6 +37,10 @@ pub struct BlockDeviceOptions {
     /// thread wake-up per request at low queue depth (lower latency) at the price of a busy
     /// core while such requests are in flight; see `docs/benchmarks.md`.
     pub completion_spin: std::time::Duration,
+    /// Who reaps completions when no request future is being polled: a completion thread
+    /// (the default, any executor) or a task on the current tokio runtime. See the
+    /// [crate documentation](crate#completions).
+    pub completions: Completions,
 }
 
 impl Default for BlockDeviceOptions {
@@ -48,6 +52,7 @@ impl Default for BlockDeviceOptions {
             file_sector_size: 512,
             file_physical_sector_size: None,
             completion_spin: std::time::Duration::ZERO,
+            completions: Completions::Thread,
         }
     }
 }
@@ -246,6 +251,7 @@ impl BlockDeviceDisk {
             std::os::fd::AsRawFd::as_raw_fd(&file),
             options.queue_depth.max(1),
             opcodes,
+            options.completions,
             options.completion_spin,
         )
         .map_err(OpenError::Ring)?;

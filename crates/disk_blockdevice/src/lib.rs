@@ -9,8 +9,8 @@
 //!   directly. Unaligned buffers go through a page-aligned bounce buffer.
 //! - **Batched submission**: requests push their entries under one lock, and one
 //!   `io_uring_enter` submits everything queued while it runs.
-//! - **Any executor**: a completion thread reaps completions and wakes the futures, which
-//!   work under tokio, `futures::executor::block_on`, or anything else.
+//! - **Any executor**: futures work under tokio, `futures::executor::block_on`, or anything
+//!   else; see [Completions](#completions) for who reaps the kernel's completions.
 //! - **Dropped futures are safe**: the memory the kernel uses belongs to the ring until the
 //!   completion arrives, not to the future.
 //! - FUA is `RWF_DSYNC`, flush is `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`; discard
@@ -22,6 +22,33 @@
 //! - **Persistent reservations** through the `IOC_PR_*` ioctls where the device has them;
 //!   **eject** for removable media; read-only devices refuse writes with
 //!   [`DiskError::ReadOnly`](disk_backend::DiskError::ReadOnly).
+//!
+//! # Completions
+//!
+//! The completion queue is shared memory, read under the lock of the ring's request table by
+//! whoever gets there first:
+//!
+//! - **Inline**, by the request futures themselves: each poll of a request, and each
+//!   submission, reaps whatever completions are queued (up to 32 at a time) and wakes their
+//!   futures. On a busy executor most completions are found this way, on the executor's own
+//!   thread. Always on.
+//! - [`Completions::Thread`] (the default): a completion thread per disk sleeps in
+//!   `io_uring_enter` and wakes the futures whose completions nobody reaped inline, so a
+//!   future whose executor sleeps is woken too. Works under every executor.
+//! - [`Completions::Tokio`] (cargo feature `tokio`, on by default): no completion thread.
+//!   The disk registers an eventfd with the ring (`IORING_REGISTER_EVENTFD`), and a task on
+//!   the tokio runtime that is current at [`BlockDeviceDisk::open`] waits for it through the
+//!   runtime's own reactor, then reaps and wakes. A completion then costs no hand-off between
+//!   threads when the futures run on that runtime (up to about 10 % more IOPS than the
+//!   default at queue depth 32, and at queue depth 1 on a disk-backed device:
+//!   `docs/benchmarks.md`). The futures still work under any
+//!   executor as long as the runtime runs (a current-thread runtime runs only while something
+//!   blocks on it); if the runtime shuts down before the disk is dropped, a completion thread
+//!   takes over. Opening fails with [`RingError::NoRuntime`] outside a runtime with I/O
+//!   enabled. In a resolver spec: `blockdev(PATH, completions=tokio)`.
+//!
+//! [`BlockDeviceOptions::completion_spin`] makes the completion thread poll briefly before it
+//! sleeps, at the price of a busy core.
 //!
 //! io_uring and every opcode the disk uses are probed at open: a kernel without them fails
 //! [`BlockDeviceDisk::open`] with [`OpenError::Ring`], never the first I/O.
@@ -57,5 +84,5 @@ mod uevent;
 
 pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, OpenError};
 pub use resolve::BlockDeviceResolver;
-pub use ring::RingError;
+pub use ring::{Completions, RingError};
 pub use sys::DeviceNumber;

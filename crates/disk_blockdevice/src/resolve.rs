@@ -1,6 +1,7 @@
-//! `blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N])`.
+//! `blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N],
+//! [completions=thread|tokio])`.
 
-use crate::{BlockDeviceDisk, BlockDeviceOptions};
+use crate::{BlockDeviceDisk, BlockDeviceOptions, Completions};
 use disk_backend::Disk;
 use disk_backend::resolve::{Args, ResolveContext, ResolveDisk, ResolveError};
 use std::time::Duration;
@@ -16,7 +17,7 @@ impl ResolveDisk for BlockDeviceResolver {
     }
 
     fn usage(&self) -> &str {
-        "blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N]): a block device or file through io_uring, O_DIRECT unless buffered"
+        "blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N], [completions=thread|tokio]): a block device or file through io_uring, O_DIRECT unless buffered; completions reaped by a thread (default) or a task on the current tokio runtime"
     }
 
     fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
@@ -33,6 +34,21 @@ impl ResolveDisk for BlockDeviceResolver {
             .named_size(ctx, "sector_size")?
             .unwrap_or(defaults.file_sector_size.into());
         let spin_us = args.named_u64(ctx, "spin_us")?.unwrap_or(0);
+        let completions = match args.named_text(ctx, "completions")? {
+            None | Some("thread") => Completions::Thread,
+            #[cfg(feature = "tokio")]
+            Some("tokio") => Completions::Tokio,
+            Some(other) => {
+                return Err(ctx.error(format!(
+                    "`completions` is `thread`{}, not `{other}`",
+                    if cfg!(feature = "tokio") {
+                        " or `tokio`"
+                    } else {
+                        " (built without the `tokio` feature)"
+                    }
+                )));
+            }
+        };
         args.finish(ctx)?;
         let to_u32 = |value: u64, name: &str| {
             u32::try_from(value).map_err(|_| ctx.error(format!("`{name}` {value} is too large")))
@@ -46,6 +62,7 @@ impl ResolveDisk for BlockDeviceResolver {
             queue_depth: to_u32(queue_depth, "queue_depth")?,
             file_sector_size: to_u32(sector_size, "sector_size")?,
             completion_spin: Duration::from_micros(spin_us),
+            completions,
             ..defaults
         };
         let disk = BlockDeviceDisk::open(path, &options)
@@ -85,6 +102,25 @@ mod tests {
                     resolve(&format!("blockdev({path}, ro, buffered, sector_size=4k)")).unwrap();
                 assert_eq!((disk.sector_count(), disk.sector_size()), (256, 4096));
                 assert!(disk.is_read_only());
+                let disk = resolve(&format!(
+                    "blockdev({path}, buffered, spin_us=20, completions=thread)"
+                ))
+                .unwrap();
+                assert_eq!(disk.sector_count(), 2048);
+                #[cfg(feature = "tokio")]
+                {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_io()
+                        .build()
+                        .unwrap();
+                    let _context = runtime.enter();
+                    let disk =
+                        resolve(&format!("blockdev({path}, buffered, completions=tokio)")).unwrap();
+                    let buffer = request_buffers::OwnedRequestBuffers::new(4096);
+                    runtime
+                        .block_on(disk.read_vectored(&buffer.buffers(true), 0))
+                        .unwrap();
+                }
             }
             Err(e) if e.contains("io_uring") => {
                 eprintln!("skipping: io_uring is not available here: {e}");
@@ -108,6 +144,15 @@ mod tests {
             (
                 format!("blockdev({path}, fast)"),
                 "unexpected argument `fast`",
+            ),
+            (
+                format!("blockdev({path}, completions=fast)"),
+                "`completions` is `thread`",
+            ),
+            (
+                // Outside a tokio runtime.
+                format!("blockdev({path}, buffered, completions=tokio)"),
+                "needs a tokio runtime",
             ),
             (
                 "blockdev(/nonexistent/dev)".to_string(),

@@ -1,19 +1,34 @@
-//! The io_uring of one disk: a table of requests in flight, batched submission, and a
-//! completion thread that wakes the requests' futures.
+//! The io_uring of one disk: a table of requests in flight, batched submission, and the
+//! reaping of completions.
+//!
+//! # Who reaps completions
+//!
+//! The completion queue is read only under the table lock, by whoever holds it first:
+//!
+//! - a request's future, each time it is polled or pushes a submission entry (*inline
+//!   reaping*): on a busy executor most completions are found this way, on the executor's
+//!   own thread, without a thread hand-off;
+//! - the completion thread, which sleeps in `io_uring_enter` until a completion arrives and
+//!   wakes the futures, so a future whose executor is idle is woken too (the default mode,
+//!   [`Completions::Thread`]);
+//! - or, in [`Completions::Tokio`] mode, a task on a tokio runtime, woken through an eventfd
+//!   registered with the ring by the runtime's own reactor: no completion thread at all. If
+//!   that task goes away while the disk lives (the runtime shuts down), a completion thread
+//!   takes over.
 //!
 //! # Who owns the memory the kernel uses
 //!
 //! A request's buffers (locked guest pages or a bounce buffer) and its iovec array move into
 //! a [`Slot`] of the table before its submission entry is pushed, and stay there until the
 //! kernel's completion for that slot has been reaped. The future only holds the slot's
-//! index. If the future is dropped first, the slot is marked abandoned and the completion
-//! thread frees the buffers when the completion arrives, so memory the kernel may still
-//! write is never freed or handed back early. Dropping the ring waits for every outstanding
-//! completion before the ring and the table are freed.
+//! index. If the future is dropped first, the slot is marked abandoned and whoever reaps its
+//! completion frees the buffers, so memory the kernel may still write is never freed or
+//! handed back early. Dropping the ring waits for every outstanding completion.
 
 use io_uring::{IoUring, Probe, opcode, types};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use request_buffers::{BounceBuffer, IoBuffer, LockedIoBuffers};
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
@@ -38,6 +53,33 @@ const IOV_MAX: usize = 1024;
 
 /// `user_data` of the no-op that wakes the completion thread at shutdown; never a slot index.
 const WAKE_TOKEN: u64 = u64::MAX;
+
+/// Most completions a future reaps inline at once: their wakers wait on the stack until the
+/// table lock is released. The rest stay queued for the next reaper.
+const INLINE_REAP: usize = 32;
+
+/// How long a thread waiting for completions sleeps at most before it looks at the table
+/// again. Waits normally end with a completion; the timeout only bounds a race at shutdown
+/// with another reaper that consumed the completion the waiter was woken for.
+const WAIT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Who reaps completions when no future is being polled: see the
+/// [crate documentation](crate#completions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Completions {
+    /// A completion thread per disk sleeps in `io_uring_enter` and wakes the futures. Works
+    /// under any executor, including `futures::executor::block_on`.
+    #[default]
+    Thread,
+    /// A task on the tokio runtime that is current when the disk is opened waits for
+    /// completions through an eventfd registered with the ring (`IORING_REGISTER_EVENTFD`),
+    /// so the runtime's reactor wakes it on its own thread and no completion thread runs.
+    /// The runtime must have I/O enabled (`enable_io`, as `#[tokio::main]` does). Futures
+    /// still work under any executor while that runtime runs; if the runtime shuts down
+    /// before the disk is dropped, a completion thread takes over.
+    #[cfg(feature = "tokio")]
+    Tokio,
+}
 
 /// The opcodes a disk needs, checked with `IORING_REGISTER_PROBE` when the ring is built.
 pub(crate) const REQUIRED_OPCODES: &[(u8, &str)] = &[
@@ -66,6 +108,15 @@ pub enum RingError {
     /// The completion thread could not be started.
     #[error("cannot start the completion thread")]
     Thread(#[source] io::Error),
+    /// [`Completions::Tokio`] was asked for outside a tokio runtime, or on a runtime without
+    /// I/O enabled.
+    #[cfg(feature = "tokio")]
+    #[error("the tokio completion mode needs a tokio runtime with I/O enabled")]
+    NoRuntime,
+    /// The eventfd for [`Completions::Tokio`] could not be created or registered.
+    #[cfg(feature = "tokio")]
+    #[error("cannot set up the completion eventfd")]
+    EventFd(#[source] io::Error),
 }
 
 /// One operation on the ring's file (registered as fixed file 0).
@@ -183,9 +234,13 @@ struct Shared {
     queued: AtomicUsize,
     /// Whether a thread is in `io_uring_enter` for the submitters.
     submitting: AtomicBool,
-    /// Set when the disk is dropped: the completion thread exits once nothing is
-    /// outstanding.
+    /// Set when the disk is dropped (under the `thread` lock): the completion thread exits
+    /// once nothing is outstanding, and no new one is started.
     stopping: AtomicBool,
+    /// The completion thread, once started.
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// How long the completion thread polls before sleeping (`completion_spin`).
+    spin: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -195,15 +250,124 @@ impl std::fmt::Debug for Shared {
             .field("queued", &self.queued)
             .field("submitting", &self.submitting)
             .field("stopping", &self.stopping)
+            .field("spin", &self.spin)
             .finish_non_exhaustive()
     }
 }
 
-/// An io_uring over one file, with its completion thread.
+impl Shared {
+    /// Consumes up to `limit` completions with the table lock held (`table` is its guard):
+    /// records each result in its slot, hands the waker of a waiting future to `wake` (with
+    /// the slot's index) and the memory of an abandoned slot to `free`. Returns whether a
+    /// slot was freed, in which case the futures waiting for a slot should be woken.
+    fn reap(
+        &self,
+        table: &mut MutexGuard<'_, Table>,
+        limit: usize,
+        mut wake: impl FnMut(u32, Waker),
+        mut free: impl FnMut(Owned),
+    ) -> bool {
+        let mut slot_freed = false;
+        // SAFETY: the completion queue is only ever read with the table lock held (as here,
+        // through `table`), so this is the only `CompletionQueue` alive.
+        let completions = unsafe { self.ring.completion_shared() };
+        for cqe in completions.take(limit) {
+            let token = cqe.user_data();
+            if token == WAKE_TOKEN {
+                continue;
+            }
+            let index = token as u32;
+            table.outstanding -= 1;
+            let slot = &mut table.slots[index as usize];
+            match std::mem::replace(&mut slot.state, SlotState::Done(cqe.result())) {
+                SlotState::InFlight(waker) => {
+                    if let Some(waker) = waker {
+                        wake(index, waker);
+                    }
+                }
+                SlotState::Abandoned => {
+                    // The kernel is done with this memory.
+                    free(table.release(index));
+                    slot_freed = true;
+                }
+                SlotState::Free | SlotState::Done(_) => {
+                    unreachable!("a completion for a slot that was not in flight")
+                }
+            }
+        }
+        slot_freed
+    }
+
+    /// Reaps every completion queued now and wakes the futures, outside the lock; `wakers`
+    /// and `freed` are scratch space kept by the caller. Returns whether the ring is
+    /// stopping with nothing outstanding.
+    fn reap_all(&self, wakers: &mut Vec<Waker>, freed: &mut Vec<Owned>) -> bool {
+        let mut table = self.table.lock();
+        if self.reap(
+            &mut table,
+            usize::MAX,
+            |_, waker| wakers.push(waker),
+            |owned| freed.push(owned),
+        ) {
+            wakers.extend(table.waiting.drain(..));
+        }
+        let finished = self.stopping.load(Ordering::SeqCst) && table.outstanding == 0;
+        drop(table);
+        freed.clear();
+        wakers.drain(..).for_each(Waker::wake);
+        finished
+    }
+
+    /// Sleeps in `io_uring_enter` until a completion is queued (or [`WAIT_TIMEOUT`] passes,
+    /// where the kernel can time out a wait); also submits whatever a failed submitter left
+    /// queued.
+    fn wait(&self) {
+        let result = if self.ring.params().is_feature_ext_arg() {
+            let timeout = types::Timespec::from(WAIT_TIMEOUT);
+            let args = types::SubmitArgs::new().timespec(&timeout);
+            self.ring.submitter().submit_with_args(1, &args)
+        } else if self.stopping.load(Ordering::SeqCst) {
+            // A kernel without timed waits (before 5.11): at shutdown, poll instead of
+            // sleeping, since another reaper may take the completion this wait is for.
+            std::thread::sleep(Duration::from_millis(1));
+            self.ring.submit()
+        } else {
+            self.ring.submit_and_wait(1)
+        };
+        if let Err(e) = result {
+            match e.raw_os_error() {
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME) => {}
+                // Not expected from a valid ring; back off rather than spin.
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Starts the completion thread, unless the ring is stopping or it runs already.
+    fn start_thread(self: &Arc<Self>) -> io::Result<()> {
+        let mut thread = self.thread.lock();
+        if self.stopping.load(Ordering::SeqCst) || thread.is_some() {
+            return Ok(());
+        }
+        *thread = Some(
+            std::thread::Builder::new()
+                .name("disk-uring".into())
+                .spawn({
+                    let shared = self.clone();
+                    move || completion_thread(&shared)
+                })?,
+        );
+        Ok(())
+    }
+}
+
+/// An io_uring over one file, with whatever reaps its completions.
 #[derive(Debug)]
 pub(crate) struct Ring {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// The tokio task that reaps completions in [`Completions::Tokio`] mode.
+    #[cfg(feature = "tokio")]
+    reactor: Option<tokio::task::AbortHandle>,
 }
 
 impl Ring {
@@ -213,6 +377,7 @@ impl Ring {
         fd: RawFd,
         entries: u32,
         opcodes: &[(u8, &'static str)],
+        completions: Completions,
         completion_spin: Duration,
     ) -> Result<Self, RingError> {
         let ring = IoUring::builder()
@@ -255,18 +420,27 @@ impl Ring {
             queued: AtomicUsize::new(0),
             submitting: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            spin: completion_spin,
         });
-        let thread = std::thread::Builder::new()
-            .name("disk-uring".into())
-            .spawn({
-                let shared = shared.clone();
-                move || completion_thread(&shared, completion_spin)
-            })
-            .map_err(RingError::Thread)?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+        match completions {
+            Completions::Thread => {
+                shared.start_thread().map_err(RingError::Thread)?;
+                Ok(Self {
+                    shared,
+                    #[cfg(feature = "tokio")]
+                    reactor: None,
+                })
+            }
+            #[cfg(feature = "tokio")]
+            Completions::Tokio => {
+                let reactor = reactor::spawn(&shared)?;
+                Ok(Self {
+                    shared,
+                    reactor: Some(reactor),
+                })
+            }
+        }
     }
 
     /// Runs `op` with `owned` lending the memory of the bytes after the first `skip`.
@@ -280,7 +454,8 @@ impl Ring {
 
     /// Moves `owned` into a free slot and pushes the submission entry, or registers `waker`
     /// and hands `owned` back if every slot is in use. Returns the slot and whether this
-    /// entry opened a batch (its request must see that the batch gets submitted).
+    /// entry opened a batch (its request must see that the batch gets submitted). Reaps
+    /// completions inline first, which may free a slot.
     fn start(
         &self,
         op: Op,
@@ -289,9 +464,13 @@ impl Ring {
         waker: &Waker,
     ) -> Result<(u32, bool), Owned> {
         let shared = &*self.shared;
+        let mut inline = InlineReap::default();
         let mut table = shared.table.lock();
+        inline.reap(shared, &mut table, None);
         let Some(index) = table.free.pop() else {
             table.waiting.push_back(waker.clone());
+            drop(table);
+            inline.wake();
             return Err(owned);
         };
         let slot = &mut table.slots[index as usize];
@@ -322,22 +501,24 @@ impl Ring {
         // SAFETY: the table lock serializes every producer of the submission queue, so this
         // is the only `SubmissionQueue` alive. The entry's iovec array and the memory it
         // points to belong to slot `index` (`slot.iovecs`, `slot.owned`), which nothing
-        // modifies or frees until the completion thread has reaped this entry's completion:
-        // the future only keeps the index, and a dropped future abandons the slot instead
-        // of freeing it. A slot never has more than one entry, and there are no more slots
-        // than submission queue entries, so the push cannot fail for lack of space while
-        // entries are only pushed here and consumed by `io_uring_enter`.
+        // modifies or frees until this entry's completion has been reaped: the future only
+        // keeps the index, and a dropped future abandons the slot instead of freeing it. A
+        // slot never has more than one entry, and there are no more slots than submission
+        // queue entries, so the push cannot fail for lack of space while entries are only
+        // pushed here and consumed by `io_uring_enter`.
         let pushed = unsafe { shared.ring.submission_shared().push(&entry) };
         if pushed.is_err() {
             // Not expected (see above); give the slot back and retry from the executor.
             table.outstanding -= 1;
             let owned = table.release(index);
             drop(table);
+            inline.wake();
             self.submit();
             waker.wake_by_ref();
             return Err(owned);
         }
         drop(table);
+        inline.wake();
         let leader = shared.queued.fetch_add(1, Ordering::SeqCst) == 0;
         Ok((index, leader))
     }
@@ -371,17 +552,20 @@ impl Ring {
         }
     }
 
-    /// Collects the result of slot `index`, or records `waker`.
+    /// Collects the result of slot `index`, or records `waker`. Reaps completions inline
+    /// first, so a future polled by a busy executor finds its completion without waiting
+    /// for another thread to wake it.
     fn poll_slot(&self, index: u32, waker: &Waker) -> Poll<(i32, Owned)> {
-        let mut table = self.shared.table.lock();
+        let shared = &*self.shared;
+        let mut inline = InlineReap::default();
+        let mut table = shared.table.lock();
+        inline.reap(shared, &mut table, Some(index));
         let slot = &mut table.slots[index as usize];
-        match &mut slot.state {
+        let poll = match &mut slot.state {
             SlotState::Done(result) => {
                 let result = *result;
                 let owned = table.release(index);
-                let waiting = std::mem::take(&mut table.waiting);
-                drop(table);
-                waiting.into_iter().for_each(Waker::wake);
+                inline.take_waiting(&mut table);
                 Poll::Ready((result, owned))
             }
             SlotState::InFlight(current) => {
@@ -393,11 +577,14 @@ impl Ring {
             SlotState::Free | SlotState::Abandoned => {
                 unreachable!("a request's slot is in flight or done while its future lives")
             }
-        }
+        };
+        drop(table);
+        inline.wake();
+        poll
     }
 
     /// The future of slot `index` is gone: free the slot if the kernel is done with it, or
-    /// leave it to the completion thread.
+    /// leave it to whoever reaps its completion.
     fn abandon(&self, index: u32) {
         let mut table = self.shared.table.lock();
         let slot = &mut table.slots[index as usize];
@@ -417,10 +604,72 @@ impl Ring {
     }
 }
 
+/// What one inline reap found: wakers to call once the table lock is released.
+#[derive(Default)]
+struct InlineReap {
+    wakers: SmallVec<[Waker; INLINE_REAP]>,
+    /// Futures that were waiting for a free slot (empty unless a slot was freed).
+    waiting: VecDeque<Waker>,
+}
+
+impl InlineReap {
+    /// Reaps up to [`INLINE_REAP`] completions; the waker of slot `own` (the caller's) is
+    /// not kept, since its future is being polled. Memory of abandoned slots is freed under
+    /// the lock (it is only dropped: an `Arc` and a small vector, or a bounce buffer).
+    fn reap(&mut self, shared: &Shared, table: &mut MutexGuard<'_, Table>, own: Option<u32>) {
+        let wakers = &mut self.wakers;
+        if shared.reap(
+            table,
+            INLINE_REAP,
+            |index, waker| {
+                if Some(index) != own {
+                    wakers.push(waker);
+                }
+            },
+            drop,
+        ) {
+            self.take_waiting(table);
+        }
+    }
+
+    /// Takes the futures waiting for a free slot, to wake them: one was freed.
+    fn take_waiting(&mut self, table: &mut Table) {
+        if self.waiting.is_empty() {
+            std::mem::swap(&mut self.waiting, &mut table.waiting);
+        } else {
+            self.waiting.append(&mut table.waiting);
+        }
+    }
+
+    /// Wakes what was found; call without the table lock.
+    fn wake(self) {
+        self.wakers.into_iter().for_each(Waker::wake);
+        self.waiting.into_iter().for_each(Waker::wake);
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         let shared = &*self.shared;
-        shared.stopping.store(true, Ordering::SeqCst);
+        let thread = {
+            let mut thread = shared.thread.lock();
+            shared.stopping.store(true, Ordering::SeqCst);
+            thread.take()
+        };
+        // The task may be mid-reap on another thread; that is fine, reaping is shared.
+        #[cfg(feature = "tokio")]
+        if let Some(reactor) = self.reactor.take() {
+            reactor.abort();
+        }
+        let Some(thread) = thread else {
+            // No completion thread (tokio mode): wait for the outstanding completions here,
+            // so no memory the kernel may use is freed before the kernel is done with it.
+            let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+            while !shared.reap_all(&mut wakers, &mut freed) {
+                shared.wait();
+            }
+            return;
+        };
         // Wake the completion thread with a no-op; it leaves once every abandoned request's
         // completion has arrived, so no buffer the kernel may use is freed before that.
         let nop = opcode::Nop::new().build().user_data(WAKE_TOKEN);
@@ -442,84 +691,140 @@ impl Drop for Ring {
                 _ => break,
             }
         }
-        if let Some(thread) = self.thread.take() {
-            // The completion thread does not panic; if it did, there is nothing to add.
-            let _ = thread.join();
-        }
+        // The completion thread does not panic; if it did, there is nothing to add.
+        let _ = thread.join();
     }
 }
 
 /// Reaps completions until the ring stops and nothing is outstanding.
-fn completion_thread(shared: &Shared, spin: Duration) {
+fn completion_thread(shared: &Shared) {
     let mut wakers: Vec<Waker> = Vec::new();
     let mut freed: Vec<Owned> = Vec::new();
     loop {
-        if !spin.is_zero() && spin_for_completion(shared, spin) {
+        if !shared.spin.is_zero() && spin_for_completion(shared) {
             // A completion arrived while spinning: reap it without sleeping.
-        } else if let Err(e) = shared.ring.submit_and_wait(1) {
-            // Waiting also submits whatever a failed submitter left queued.
-            match e.raw_os_error() {
-                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
-                // Not expected from a valid ring; back off rather than spin.
-                _ => std::thread::sleep(Duration::from_millis(1)),
-            }
+        } else {
+            shared.wait();
         }
-        let mut table = shared.table.lock();
-        let mut slot_freed = false;
-        // SAFETY: this thread is the only one that reads the completion queue.
-        let completions = unsafe { shared.ring.completion_shared() };
-        for cqe in completions {
-            let token = cqe.user_data();
-            if token == WAKE_TOKEN {
-                continue;
-            }
-            let index = token as u32;
-            table.outstanding -= 1;
-            let slot = &mut table.slots[index as usize];
-            match std::mem::replace(&mut slot.state, SlotState::Done(cqe.result())) {
-                SlotState::InFlight(waker) => wakers.extend(waker),
-                SlotState::Abandoned => {
-                    freed.push(table.release(index));
-                    slot_freed = true;
-                }
-                SlotState::Free | SlotState::Done(_) => {
-                    unreachable!("a completion for a slot that was not in flight")
-                }
-            }
-        }
-        if slot_freed {
-            wakers.extend(table.waiting.drain(..));
-        }
-        let exit = shared.stopping.load(Ordering::SeqCst) && table.outstanding == 0;
-        drop(table);
-        // The kernel is done with these; free them outside the lock.
-        freed.clear();
-        wakers.drain(..).for_each(Waker::wake);
-        if exit {
+        if shared.reap_all(&mut wakers, &mut freed) {
             return;
         }
     }
 }
 
 /// With one or two requests outstanding, where the wake-up of this thread is a large part of
-/// a request's latency, polls the completion queue for up to `spin` instead of sleeping.
-/// Returns whether a completion is ready. Deeper queues do not spin: completions arrive in
-/// batches there, and the spinning would take a core from the submitters.
-fn spin_for_completion(shared: &Shared, spin: Duration) -> bool {
+/// a request's latency, polls the completion queue for up to `shared.spin` instead of
+/// sleeping. Returns whether a completion is ready. Deeper queues do not spin: completions
+/// arrive in batches there, and the spinning would take a core from the submitters.
+fn spin_for_completion(shared: &Shared) -> bool {
     if !(1..=2).contains(&shared.table.lock().outstanding) {
         return false;
     }
     let start = Instant::now();
     loop {
-        // SAFETY: this thread is the only one that reads the completion queue; the queue
-        // is only inspected here, not consumed.
-        if !unsafe { shared.ring.completion_shared() }.is_empty() {
-            return true;
+        // A future holding the lock is reaping inline; look again.
+        if let Some(table) = shared.table.try_lock() {
+            // SAFETY: the completion queue is only read with the table lock held; the
+            // queue is only inspected here, not consumed.
+            let ready = !unsafe { shared.ring.completion_shared() }.is_empty();
+            if ready || table.outstanding == 0 {
+                return ready;
+            }
         }
-        if start.elapsed() >= spin {
+        if start.elapsed() >= shared.spin {
             return false;
         }
         std::hint::spin_loop();
+    }
+}
+
+/// [`Completions::Tokio`]: a task on the runtime reaps completions when the eventfd registered
+/// with the ring becomes readable.
+#[cfg(feature = "tokio")]
+mod reactor {
+    use super::{RingError, Shared};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+
+    /// Registers an eventfd with the ring and spawns the task that waits for it on the
+    /// current tokio runtime.
+    pub(super) fn spawn(shared: &Arc<Shared>) -> Result<tokio::task::AbortHandle, RingError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| RingError::NoRuntime)?;
+        // SAFETY: `eventfd` takes no pointers; a non-negative result is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(RingError::EventFd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: see above: `fd` is open and owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let _context = runtime.enter();
+        // Registering with a runtime whose I/O driver is disabled panics inside tokio; that
+        // is a configuration error the caller gets as one.
+        let fd = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: an `OwnedFd` is a valid open descriptor that stays open, referring to
+            // the same eventfd, for as long as it lives inside the `AsyncFd`.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+        }))
+        .map_err(|_| RingError::NoRuntime)?
+        .map_err(|e| RingError::EventFd(e.into()))?;
+        // The ring signals the eventfd for every completion it posts from now on.
+        shared
+            .ring
+            .submitter()
+            .register_eventfd(fd.get_ref().as_raw_fd())
+            .map_err(RingError::EventFd)?;
+        // The guard lives in the task's future from the start, so it also fires if the task
+        // is dropped without ever being polled.
+        let take_over = TakeOver(shared.clone());
+        let task = run(shared.clone(), fd);
+        Ok(runtime
+            .spawn(async move {
+                let _take_over = take_over;
+                task.await;
+            })
+            .abort_handle())
+    }
+
+    /// Starts a completion thread when the task ends without the ring stopping: its runtime
+    /// shut down (or the eventfd failed), and the futures still need their completions.
+    /// (When the ring is stopping, `start_thread` does nothing.)
+    struct TakeOver(Arc<Shared>);
+
+    impl Drop for TakeOver {
+        fn drop(&mut self) {
+            // If no thread can be started, futures polled later still reap inline, and the
+            // ring's drop reaps whatever is left.
+            let _ = self.0.start_thread();
+        }
+    }
+
+    async fn run(shared: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
+        let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return;
+            };
+            // Clear the readiness before reading the counter and the queue: a completion
+            // posted after this point signals the eventfd again and so wakes this task again.
+            ready.clear_ready();
+            let mut count = [0u8; 8];
+            // SAFETY: `count` is a live, writable 8-byte buffer; reading an eventfd resets its
+            // counter. With `EFD_NONBLOCK` this fails with `EAGAIN` when it is already zero,
+            // which is fine: the queue is read below either way.
+            let _ = unsafe {
+                libc::read(
+                    fd.get_ref().as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    count.len(),
+                )
+            };
+            if shared.reap_all(&mut wakers, &mut freed) {
+                return;
+            }
+        }
     }
 }
 
