@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use support::LoopDisk;
+use support::{LoopDisk, many_tasks};
 
 const MIB: u64 = 1 << 20;
 
@@ -487,29 +487,7 @@ async fn works_under_tokio() {
     let Some(l) = loop_disk(8 * MIB, &["--direct-io=on"]) else {
         return;
     };
-    let disk = Disk::new(l.disk.clone()).unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..32u64 {
-        let disk = disk.clone();
-        tasks.push(tokio::spawn(async move {
-            let data = pattern(512, i * 16, 16, i as u8);
-            let src =
-                OwnedRequestBuffers::scattered(data.len(), (i as usize % 3) * 512 + i as usize % 2);
-            src.copy_from_slice(&data);
-            disk.write_vectored(&src.buffers(false), i * 16, i % 4 == 0)
-                .await
-                .unwrap();
-            let dst = OwnedRequestBuffers::new(data.len());
-            disk.read_vectored(&dst.buffers(true), i * 16)
-                .await
-                .unwrap();
-            assert!(dst.to_vec() == data, "task {i}");
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    disk.sync_cache().await.unwrap();
+    many_tasks(Disk::new(l.disk.clone()).unwrap()).await;
 }
 
 #[test]

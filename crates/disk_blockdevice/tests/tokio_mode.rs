@@ -15,7 +15,7 @@ use request_buffers::OwnedRequestBuffers;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::LazyLock;
-use support::{FileDisk, LoopDisk};
+use support::{FileDisk, LoopDisk, many_tasks};
 
 const MIB: u64 = 1 << 20;
 
@@ -85,32 +85,6 @@ mod loop_tokio {
     check!(buffer_layouts);
     check!(unmap_semantics);
     check!(model);
-}
-
-/// Writes and reads back from many tasks at once, checking every byte.
-async fn many_tasks(disk: Disk) {
-    let mut tasks = Vec::new();
-    for i in 0..32u64 {
-        let disk = disk.clone();
-        tasks.push(tokio::spawn(async move {
-            let data = pattern(512, i * 16, 16, i as u8);
-            let src =
-                OwnedRequestBuffers::scattered(data.len(), (i as usize % 3) * 512 + i as usize % 2);
-            src.copy_from_slice(&data);
-            disk.write_vectored(&src.buffers(false), i * 16, i % 4 == 0)
-                .await
-                .unwrap();
-            let dst = OwnedRequestBuffers::new(data.len());
-            disk.read_vectored(&dst.buffers(true), i * 16)
-                .await
-                .unwrap();
-            assert!(dst.to_vec() == data, "task {i}");
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    disk.sync_cache().await.unwrap();
 }
 
 #[tokio::test(flavor = "current_thread")]

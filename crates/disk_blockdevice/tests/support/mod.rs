@@ -3,9 +3,10 @@
 
 #![allow(dead_code)]
 
-use disk_backend::{DiskError, DiskIo, UnmapBehavior};
+use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, OpenError, RingError};
-use request_buffers::RequestBuffers;
+use disk_conformance::pattern;
+use request_buffers::{OwnedRequestBuffers, RequestBuffers};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -264,4 +265,30 @@ impl<T: Send + Sync + 'static> DiskIo for KeptDisk<T> {
     async fn wait_resize(&self, sector_count: u64) -> u64 {
         self.disk.wait_resize(sector_count).await
     }
+}
+
+/// Writes and reads back from many tasks at once, checking every byte.
+pub async fn many_tasks(disk: Disk) {
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let disk = disk.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(512, i * 16, 16, i as u8);
+            let src =
+                OwnedRequestBuffers::scattered(data.len(), (i as usize % 3) * 512 + i as usize % 2);
+            src.copy_from_slice(&data);
+            disk.write_vectored(&src.buffers(false), i * 16, i % 4 == 0)
+                .await
+                .unwrap();
+            let dst = OwnedRequestBuffers::new(data.len());
+            disk.read_vectored(&dst.buffers(true), i * 16)
+                .await
+                .unwrap();
+            assert!(dst.to_vec() == data, "task {i}");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    disk.sync_cache().await.unwrap();
 }
