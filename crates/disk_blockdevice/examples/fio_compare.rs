@@ -15,7 +15,7 @@
 //! kept). Not part of CI: the figures depend on the machine.
 
 use disk_backend::Disk;
-use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions};
+use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions, OwnerDriver};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::{Rng, SeedableRng};
@@ -232,6 +232,9 @@ enum Executor<'a> {
     /// A tokio current-thread runtime, which also runs the disk's completion task
     /// (`Completions::Tokio`).
     Tokio(&'a tokio::runtime::Runtime),
+    /// `Completions::Owner`: this thread owns the ring and runs the futures with the disk's
+    /// own driver.
+    Owner(&'a OwnerDriver),
 }
 
 fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u64) -> Figures {
@@ -290,6 +293,7 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
     match executor {
         Executor::BlockOn => futures::executor::block_on(job),
         Executor::Tokio(runtime) => runtime.block_on(job),
+        Executor::Owner(driver) => driver.block_on(job),
     }
     let elapsed = start.elapsed().as_secs_f64();
     let count = latencies_ns.len();
@@ -372,6 +376,18 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         let _context = tokio.enter();
         open(Duration::ZERO, Completions::Tokio)?
     };
+    let (owner_disk, owner_driver) = {
+        let backend = BlockDeviceDisk::open(
+            &device.path,
+            &BlockDeviceOptions {
+                completions: Completions::Owner,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("open {}: {e}", device.path.display()))?;
+        let driver = backend.driver().map_err(|e| e.to_string())?;
+        (Disk::new(backend).map_err(|e| e.to_string())?, driver)
+    };
     let all: Vec<(&str, Ours<'_>)> = vec![
         (
             "ours (default), block_on",
@@ -385,6 +401,13 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             Ours {
                 disk: tokio_disk,
                 executor: Executor::Tokio(&tokio),
+            },
+        ),
+        (
+            "ours, owner mode, driver block_on",
+            Ours {
+                disk: owner_disk,
+                executor: Executor::Owner(&owner_driver),
             },
         ),
         (

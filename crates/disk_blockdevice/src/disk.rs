@@ -284,6 +284,15 @@ impl BlockDeviceDisk {
         })
     }
 
+    /// Claims the disk's ring for the calling thread and returns the driver that runs its
+    /// futures there, in [`Completions::Owner`] mode (experimental). The first call makes
+    /// the calling thread the owner; later calls on the same thread return another driver.
+    /// Fails with [`RingError::NotOwnerMode`] in another mode and with
+    /// [`RingError::OwnedElsewhere`] on another thread.
+    pub fn driver(&self) -> Result<ring::OwnerDriver, RingError> {
+        self.ring.driver()
+    }
+
     /// The geometry read at open.
     pub fn geometry(&self) -> &Geometry {
         &self.geometry

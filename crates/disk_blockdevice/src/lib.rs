@@ -84,5 +84,5 @@ mod uevent;
 
 pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, OpenError};
 pub use resolve::BlockDeviceResolver;
-pub use ring::{Completions, RingError};
+pub use ring::{Completions, OwnerDriver, RingError};
 pub use sys::DeviceNumber;

@@ -32,12 +32,13 @@ use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
-use std::thread::JoinHandle;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 // `IoBuffer` is documented to be laid out like `struct iovec`; the iovec pointers handed to
@@ -53,6 +54,10 @@ const IOV_MAX: usize = 1024;
 
 /// `user_data` of the no-op that wakes the completion thread at shutdown; never a slot index.
 const WAKE_TOKEN: u64 = u64::MAX;
+
+/// `user_data` of the multishot poll on the eventfd of [`Completions::Owner`]; never a slot
+/// index.
+const EVENT_TOKEN: u64 = u64::MAX - 1;
 
 /// Most completions a future reaps inline at once: their wakers wait on the stack until the
 /// table lock is released. The rest stay queued for the next reaper.
@@ -79,6 +84,15 @@ pub enum Completions {
     /// before the disk is dropped, a completion thread takes over.
     #[cfg(feature = "tokio")]
     Tokio,
+    /// Experimental. One thread owns the ring (`IORING_SETUP_SINGLE_ISSUER |
+    /// IORING_SETUP_DEFER_TASKRUN`, as fio sets up its own) and runs the disk's futures
+    /// with [`OwnerDriver::block_on`], whose idle step is one `io_uring_enter` that submits
+    /// what the futures queued and waits for a completion, so completions are processed by
+    /// the thread that submitted, with no other thread involved. The owner is the thread
+    /// that first calls [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver).
+    /// Requests polled on other threads queue their entries and wake the owner; they make
+    /// progress only while the owner runs `block_on`. Needs Linux 6.1.
+    Owner,
 }
 
 /// The opcodes a disk needs, checked with `IORING_REGISTER_PROBE` when the ring is built.
@@ -117,6 +131,20 @@ pub enum RingError {
     #[cfg(feature = "tokio")]
     #[error("cannot set up the completion eventfd")]
     EventFd(#[source] io::Error),
+    /// The eventfd that wakes the owner in [`Completions::Owner`] mode could not be created.
+    #[error("cannot create the owner's eventfd")]
+    OwnerEventFd(#[source] io::Error),
+    /// [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver) on a disk that is not in
+    /// [`Completions::Owner`] mode.
+    #[error("the disk's ring is not in owner mode")]
+    NotOwnerMode,
+    /// [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver) on a thread other than the
+    /// one that owns the ring.
+    #[error("another thread owns the disk's ring")]
+    OwnedElsewhere,
+    /// Enabling the ring for its owner (`IORING_REGISTER_ENABLE_RINGS`) failed.
+    #[error("cannot enable the ring for its owner")]
+    Enable(#[source] io::Error),
 }
 
 /// One operation on the ring's file (registered as fixed file 0).
@@ -241,6 +269,54 @@ struct Shared {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// How long the completion thread polls before sleeping (`completion_spin`).
     spin: Duration,
+    /// [`Completions::Owner`] mode's state.
+    owner: Option<OwnerState>,
+}
+
+/// The state of [`Completions::Owner`] mode.
+#[derive(Debug)]
+struct OwnerState {
+    /// Wakes the owner; also the waker of the futures it runs.
+    signal: Arc<Signal>,
+    /// The owning thread, once claimed; the ring is enabled for it then.
+    thread: OnceLock<ThreadId>,
+    /// The eventfd poll is not armed (at first, or its multishot ended).
+    rearm: AtomicBool,
+    /// The eventfd poll fired: drain the counter.
+    event: AtomicBool,
+}
+
+/// How the owner thread is woken: a flag it checks before it waits, and an eventfd polled
+/// in the ring to interrupt a wait in `io_uring_enter`.
+#[derive(Debug)]
+struct Signal {
+    eventfd: OwnedFd,
+    /// Something to do: poll the future again, or submit entries other threads queued.
+    woken: AtomicBool,
+    /// The owner is (about to be) in `io_uring_enter`.
+    parked: AtomicBool,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            let one = 1u64;
+            // SAFETY: `one` is a live 8-byte buffer; the eventfd is open as long as `self`.
+            // A full counter (`EAGAIN`) already wakes the poll.
+            let _ = unsafe {
+                libc::write(
+                    self.eventfd.as_raw_fd(),
+                    (&raw const one).cast(),
+                    size_of::<u64>(),
+                )
+            };
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -251,6 +327,7 @@ impl std::fmt::Debug for Shared {
             .field("submitting", &self.submitting)
             .field("stopping", &self.stopping)
             .field("spin", &self.spin)
+            .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
 }
@@ -274,6 +351,15 @@ impl Shared {
         for cqe in completions.take(limit) {
             let token = cqe.user_data();
             if token == WAKE_TOKEN {
+                continue;
+            }
+            if token == EVENT_TOKEN {
+                if let Some(owner) = &self.owner {
+                    owner.event.store(true, Ordering::Relaxed);
+                    if !io_uring::cqueue::more(cqe.flags()) {
+                        owner.rearm.store(true, Ordering::Relaxed);
+                    }
+                }
                 continue;
             }
             let index = token as u32;
@@ -343,6 +429,71 @@ impl Shared {
         }
     }
 
+    /// Whether the calling thread owns the ring ([`Completions::Owner`]).
+    fn on_owner_thread(&self) -> bool {
+        self.owner
+            .as_ref()
+            .and_then(|owner| owner.thread.get())
+            .is_some_and(|thread| *thread == std::thread::current().id())
+    }
+
+    /// The owner's wait ([`Completions::Owner`], on the owner thread): arms the eventfd poll
+    /// if needed, then unless `signal` was woken, submits everything queued and waits for a
+    /// completion in one `io_uring_enter`, which also runs the completions' task work here.
+    fn owner_wait(&self, signal: &Signal) {
+        let Some(owner) = &self.owner else {
+            return;
+        };
+        if owner.rearm.swap(false, Ordering::Relaxed) {
+            let poll =
+                opcode::PollAdd::new(types::Fd(signal.eventfd.as_raw_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(EVENT_TOKEN);
+            let table = self.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; the poll
+            // references no memory, only the eventfd, which the kernel holds a reference
+            // to. One entry beyond the slots is kept free for it.
+            let pushed = unsafe { self.ring.submission_shared().push(&poll) };
+            drop(table);
+            if pushed.is_err() {
+                // Not expected; try again at the next wait.
+                owner.rearm.store(true, Ordering::Relaxed);
+            }
+        }
+        signal.parked.store(true, Ordering::SeqCst);
+        if signal.woken.load(Ordering::SeqCst) {
+            signal.parked.store(false, Ordering::SeqCst);
+            return;
+        }
+        let result = if self.stopping.load(Ordering::SeqCst) {
+            let timeout = types::Timespec::from(WAIT_TIMEOUT);
+            let args = types::SubmitArgs::new().timespec(&timeout);
+            self.ring.submitter().submit_with_args(1, &args)
+        } else {
+            self.ring.submit_and_wait(1)
+        };
+        signal.parked.store(false, Ordering::SeqCst);
+        if let Err(e) = result {
+            match e.raw_os_error() {
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME) => {}
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        if owner.event.swap(false, Ordering::Relaxed) {
+            let mut count = [0u8; 8];
+            // SAFETY: `count` is a live, writable 8-byte buffer; reading an eventfd resets
+            // its counter (`EAGAIN` when it is zero already, which is fine).
+            let _ = unsafe {
+                libc::read(
+                    signal.eventfd.as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    count.len(),
+                )
+            };
+        }
+    }
+
     /// Starts the completion thread, unless the ring is stopping or it runs already.
     fn start_thread(self: &Arc<Self>) -> io::Result<()> {
         let mut thread = self.thread.lock();
@@ -380,13 +531,25 @@ impl Ring {
         completions: Completions,
         completion_spin: Duration,
     ) -> Result<Self, RingError> {
-        let ring = IoUring::builder()
+        let owner_mode = completions == Completions::Owner;
+        let mut builder = IoUring::builder();
+        if owner_mode {
+            // One more entry for the eventfd poll (rounded up by the kernel); the ring is
+            // enabled by the thread that claims it, which becomes its single issuer.
+            builder
+                .setup_cqsize((entries + 1) * 2)
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_r_disabled();
+        } else {
             // The completion queue is twice the slots, so it can never overflow.
-            .setup_cqsize(entries * 2)
-            // Not COOP_TASKRUN: it made no measurable difference (benchmarks.md), and it would
-            // hold back the completions of a submitter that computes without entering the
-            // kernel.
-            .build(entries)
+            builder.setup_cqsize(entries * 2);
+            // Not COOP_TASKRUN: it made no measurable difference (benchmarks.md), and it
+            // would hold back the completions of a submitter that computes without entering
+            // the kernel.
+        }
+        let ring = builder
+            .build(if owner_mode { entries + 1 } else { entries })
             .map_err(RingError::Setup)?;
         let mut probe = Probe::new();
         ring.submitter()
@@ -401,7 +564,29 @@ impl Ring {
         ring.submitter()
             .register_files(&[fd])
             .map_err(RingError::Register)?;
-        let slots = ring.params().sq_entries();
+        // In owner mode one submission entry stays free for the eventfd poll.
+        let slots = ring.params().sq_entries() - u32::from(owner_mode);
+        let owner = if owner_mode {
+            // SAFETY: `eventfd` takes no pointers; a non-negative result is a new descriptor
+            // that nothing else owns.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(RingError::OwnerEventFd(io::Error::last_os_error()));
+            }
+            Some(OwnerState {
+                signal: Arc::new(Signal {
+                    // SAFETY: see above: `fd` is open and owned by no one else.
+                    eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+                    woken: AtomicBool::new(false),
+                    parked: AtomicBool::new(false),
+                }),
+                thread: OnceLock::new(),
+                rearm: AtomicBool::new(true),
+                event: AtomicBool::new(false),
+            })
+        } else {
+            None
+        };
         let table = Table {
             slots: (0..slots)
                 .map(|_| Slot {
@@ -422,6 +607,7 @@ impl Ring {
             stopping: AtomicBool::new(false),
             thread: Mutex::new(None),
             spin: completion_spin,
+            owner,
         });
         match completions {
             Completions::Thread => {
@@ -440,7 +626,40 @@ impl Ring {
                     reactor: Some(reactor),
                 })
             }
+            Completions::Owner => Ok(Self {
+                shared,
+                #[cfg(feature = "tokio")]
+                reactor: None,
+            }),
         }
+    }
+
+    /// Claims the ring for the calling thread in [`Completions::Owner`] mode (enabling it
+    /// the first time) and returns its driver.
+    pub(crate) fn driver(&self) -> Result<OwnerDriver, RingError> {
+        let shared = &self.shared;
+        let owner = shared.owner.as_ref().ok_or(RingError::NotOwnerMode)?;
+        let me = std::thread::current().id();
+        let mut claimed = false;
+        let thread = *owner.thread.get_or_init(|| {
+            claimed = true;
+            me
+        });
+        if thread != me {
+            return Err(RingError::OwnedElsewhere);
+        }
+        if claimed {
+            // With `SINGLE_ISSUER`, enabling the ring makes this thread its submitter.
+            shared
+                .ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(RingError::Enable)?;
+        }
+        Ok(OwnerDriver {
+            shared: shared.clone(),
+            _not_send: PhantomData,
+        })
     }
 
     /// Runs `op` with `owned` lending the memory of the bytes after the first `skip`.
@@ -519,6 +738,13 @@ impl Ring {
         }
         drop(table);
         inline.wake();
+        if let Some(owner) = &shared.owner {
+            // The owner submits when it next waits; another thread's entry wakes it.
+            if !shared.on_owner_thread() {
+                owner.signal.wake_by_ref();
+            }
+            return Ok((index, false));
+        }
         let leader = shared.queued.fetch_add(1, Ordering::SeqCst) == 0;
         Ok((index, leader))
     }
@@ -528,6 +754,11 @@ impl Ring {
     /// concurrent submitters share one `io_uring_enter` per batch.
     fn submit(&self) {
         let shared = &*self.shared;
+        if let Some(owner) = &shared.owner {
+            // Only the owner may enter the kernel; it does so when it next waits.
+            owner.signal.wake_by_ref();
+            return;
+        }
         loop {
             if shared.submitting.swap(true, Ordering::SeqCst) {
                 return;
@@ -604,6 +835,43 @@ impl Ring {
     }
 }
 
+/// Runs futures on the thread that owns a [`Completions::Owner`] ring; see
+/// [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver). Not `Send`: it belongs to
+/// the owner thread.
+#[derive(Debug)]
+pub struct OwnerDriver {
+    shared: Arc<Shared>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl OwnerDriver {
+    /// Runs `future` to completion on this thread. While it is pending and not woken, the
+    /// thread submits the entries the disk's futures queued and waits for a completion in
+    /// one `io_uring_enter`, then reaps the completions and wakes their futures. A waker
+    /// called from another thread interrupts the wait through an eventfd polled in the ring.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        let shared = &*self.shared;
+        let Some(owner) = &shared.owner else {
+            unreachable!("a driver exists only in owner mode");
+        };
+        let signal = &owner.signal;
+        let waker = Waker::from(signal.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+        loop {
+            signal.woken.store(false, Ordering::SeqCst);
+            if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+            while !signal.woken.load(Ordering::SeqCst) {
+                shared.owner_wait(signal);
+                shared.reap_all(&mut wakers, &mut freed);
+            }
+        }
+    }
+}
+
 /// What one inline reap found: wakers to call once the table lock is released.
 #[derive(Default)]
 struct InlineReap {
@@ -660,6 +928,28 @@ impl Drop for Ring {
         #[cfg(feature = "tokio")]
         if let Some(reactor) = self.reactor.take() {
             reactor.abort();
+        }
+        if let Some(owner) = &shared.owner {
+            match owner.thread.get() {
+                // Never enabled: nothing was ever submitted.
+                None => {}
+                Some(thread) if *thread == std::thread::current().id() => {
+                    let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+                    while !shared.reap_all(&mut wakers, &mut freed) {
+                        owner.signal.woken.store(false, Ordering::SeqCst);
+                        shared.owner_wait(&owner.signal);
+                    }
+                }
+                Some(_) => {
+                    // Only the owner can run the completions' task work. If requests are
+                    // outstanding, leak the ring and their memory rather than free memory
+                    // the kernel may still write.
+                    if shared.table.lock().outstanding > 0 {
+                        std::mem::forget(self.shared.clone());
+                    }
+                }
+            }
+            return;
         }
         let Some(thread) = thread else {
             // No completion thread (tokio mode): wait for the outstanding completions here,
