@@ -940,14 +940,13 @@ impl Drop for Ring {
                         shared.owner_wait(&owner.signal);
                     }
                 }
-                Some(_) => {
-                    // Only the owner can run the completions' task work. If requests are
-                    // outstanding, leak the ring and their memory rather than free memory
-                    // the kernel may still write.
-                    if shared.table.lock().outstanding > 0 {
-                        std::mem::forget(self.shared.clone());
-                    }
+                // Only the owner can run the completions' task work. If requests are
+                // outstanding, leak the ring and their memory rather than free memory the
+                // kernel may still write.
+                Some(_) if shared.table.lock().outstanding > 0 => {
+                    std::mem::forget(self.shared.clone());
                 }
+                Some(_) => {}
             }
             return;
         }
