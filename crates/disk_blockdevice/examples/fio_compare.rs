@@ -9,7 +9,8 @@
 //! and p99 latency per run, their medians, and the ratio of each pair (ours / fio). Our
 //! engines: the default options driven by `futures::executor::block_on` (what an executor
 //! without a reactor gets, such as the `LocalPool` of `virtio_block`), `Completions::Tokio`
-//! on a tokio current-thread runtime, and at queue depth 1 the default with
+//! on a tokio current-thread runtime, the experimental `Completions::Owner` driven by the
+//! disk's own `OwnerDriver`, and at queue depth 1 the default and the owner mode with
 //! `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
 //! names contain the text (for profiling; without fio the ratios are to the first engine
 //! kept). Not part of CI: the figures depend on the machine.
@@ -376,18 +377,22 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         let _context = tokio.enter();
         open(Duration::ZERO, Completions::Tokio)?
     };
-    let (owner_disk, owner_driver) = {
+    // `Completions::Owner`: this thread owns the rings and drives their futures.
+    let open_owner = |completion_spin| -> Result<(Disk, OwnerDriver), String> {
         let backend = BlockDeviceDisk::open(
             &device.path,
             &BlockDeviceOptions {
                 completions: Completions::Owner,
+                completion_spin,
                 ..Default::default()
             },
         )
         .map_err(|e| format!("open {}: {e}", device.path.display()))?;
         let driver = backend.driver().map_err(|e| e.to_string())?;
-        (Disk::new(backend).map_err(|e| e.to_string())?, driver)
+        Ok((Disk::new(backend).map_err(|e| e.to_string())?, driver))
     };
+    let (owner_disk, owner_driver) = open_owner(Duration::ZERO)?;
+    let (owner_spinning, owner_spinning_driver) = open_owner(SPIN)?;
     let all: Vec<(&str, Ours<'_>)> = vec![
         (
             "ours (default), block_on",
@@ -415,6 +420,13 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             Ours {
                 disk: spinning,
                 executor: Executor::BlockOn,
+            },
+        ),
+        (
+            "ours, owner mode, driver block_on, spin 50 µs",
+            Ours {
+                disk: owner_spinning,
+                executor: Executor::Owner(&owner_spinning_driver),
             },
         ),
     ];

@@ -96,11 +96,24 @@ pub enum Completions {
     /// Experimental. One thread owns the ring (`IORING_SETUP_SINGLE_ISSUER |
     /// IORING_SETUP_DEFER_TASKRUN`, as fio sets up its own) and runs the disk's futures
     /// with [`OwnerDriver::block_on`], whose idle step is one `io_uring_enter` that submits
-    /// what the futures queued and waits for a completion, so completions are processed by
-    /// the thread that submitted, with no other thread involved. The owner is the thread
-    /// that first calls [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver).
-    /// Requests polled on other threads queue their entries and wake the owner; they make
-    /// progress only while the owner runs `block_on`. Needs Linux 6.1.
+    /// what the futures queued and waits for completions, so completions are processed by
+    /// the thread that submitted, with no other thread involved and no completion thread.
+    /// The owner is the thread that first calls
+    /// [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver).
+    ///
+    /// - Requests polled on other threads queue their entries and wake the owner through an
+    ///   eventfd polled in the ring; they make progress only while the owner runs
+    ///   `block_on` (possibly on a future that only waits for the program to stop).
+    /// - With many requests in flight the owner waits for a quarter of them, or 20 µs,
+    ///   before it wakes (`min_wait_usec`, Linux 6.12; one completion on older kernels).
+    /// - With [`completion_spin`](crate::BlockDeviceOptions::completion_spin), while one or
+    ///   two requests are in flight the owner polls the ring's task-run flag for that long
+    ///   before it sleeps, at the price of a busy core.
+    /// - Dropping the disk on the owner thread waits for abandoned requests; dropped on
+    ///   another thread with requests still in flight, the ring and their memory are leaked
+    ///   rather than freed while the kernel may use them.
+    ///
+    /// Needs Linux 6.1 (`DEFER_TASKRUN`).
     Owner,
 }
 
@@ -470,6 +483,23 @@ impl Shared {
                 owner.rearm.store(true, Ordering::Relaxed);
             }
         }
+        if !self.spin.is_zero() && (1..=2).contains(&self.table.lock().outstanding) {
+            // Submit, then poll for the completions' task work before sleeping.
+            let _ = self.ring.submit();
+            let start = Instant::now();
+            loop {
+                let table = self.table.lock();
+                // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
+                // flags are read.
+                let ready = unsafe { self.ring.submission_shared() }.taskrun()
+                    || !unsafe { self.ring.completion_shared() }.is_empty();
+                drop(table);
+                if ready || signal.woken.load(Ordering::SeqCst) || start.elapsed() >= self.spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
         signal.parked.store(true, Ordering::SeqCst);
         if signal.woken.load(Ordering::SeqCst) {
             signal.parked.store(false, Ordering::SeqCst);
@@ -562,6 +592,7 @@ impl Ring {
                 .setup_cqsize((entries + 1) * 2)
                 .setup_single_issuer()
                 .setup_defer_taskrun()
+                .setup_taskrun_flag()
                 .setup_r_disabled();
         } else {
             // The completion queue is twice the slots, so it can never overflow.

@@ -1,14 +1,75 @@
 //! `Completions::Owner` (experimental): the owner thread runs the disk's futures with its
-//! driver. Smoke tests only: reads and writes, refusals, a request polled on another thread,
-//! a cross-thread wake, and dropped futures.
+//! driver. The conformance suite on a file disk whose futures are polled on the test thread
+//! while an owner thread drives the ring; reads and writes through the driver, refusals, a
+//! request polled on another thread, a cross-thread wake, and dropped futures.
+
+mod support;
 
 use disk_backend::{Disk, DiskIo};
 use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions, RingError};
+use disk_conformance::DiskSpec;
 use request_buffers::OwnedRequestBuffers;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+
+/// A thread that owns a ring and drives it until dropped.
+#[derive(Debug)]
+struct OwnerThread {
+    stop: Option<futures::channel::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OwnerThread {
+    /// Claims `disk`'s ring on a new thread, which then runs the driver until dropped.
+    fn new(disk: Arc<BlockDeviceDisk>) -> Self {
+        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+        let (ready, claimed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let driver = disk.driver().expect("claim the ring");
+            drop(disk);
+            ready.send(()).unwrap();
+            let _ = driver.block_on(stopped);
+        });
+        claimed.recv().expect("the owner thread claims the ring");
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for OwnerThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// A file disk in owner mode driven by an [`OwnerThread`]; the conformance suite polls its
+/// futures on the test thread.
+fn driven_file_disk(spec: &DiskSpec) -> support::KeptDisk<(support::FileDisk, OwnerThread)> {
+    let file = support::FileDisk::new(
+        spec.sector_count * 512,
+        &BlockDeviceOptions {
+            read_only: spec.read_only,
+            completions: Completions::Owner,
+            ..Default::default()
+        },
+    )
+    .expect("io_uring is available");
+    let disk = file.disk.clone();
+    let owner = OwnerThread::new(disk.clone());
+    support::KeptDisk {
+        disk,
+        keep: (file, owner),
+    }
+}
+
+disk_conformance::conformance_tests!(file_owner, |spec: &DiskSpec| driven_file_disk(spec));
 
 fn owner_options() -> BlockDeviceOptions {
     BlockDeviceOptions {
@@ -29,6 +90,25 @@ fn file_disk() -> (BlockDeviceDisk, tempfile::NamedTempFile) {
 #[test]
 fn reads_what_it_wrote() {
     let (backend, _file) = file_disk();
+    reads_what_it_wrote_on(backend);
+}
+
+#[test]
+fn reads_what_it_wrote_with_completion_spin() {
+    let file = tempfile::NamedTempFile::new().expect("temporary file");
+    file.as_file().set_len(1 << 20).expect("set_len");
+    let backend = BlockDeviceDisk::open(
+        file.path(),
+        &BlockDeviceOptions {
+            completion_spin: std::time::Duration::from_micros(50),
+            ..owner_options()
+        },
+    )
+    .expect("open in owner mode");
+    reads_what_it_wrote_on(backend);
+}
+
+fn reads_what_it_wrote_on(backend: BlockDeviceDisk) {
     let driver = backend.driver().expect("claim the ring");
     let disk = Disk::new(backend).unwrap();
     let data = OwnedRequestBuffers::new(4096);
