@@ -300,8 +300,11 @@ struct Shared {
 struct OwnerState {
     /// Wakes the owner; also the waker of the futures it runs.
     signal: Arc<Signal>,
-    /// The owning thread, once claimed; the ring is enabled for it then.
+    /// The owning thread, once claimed.
     thread: OnceLock<ThreadId>,
+    /// Whether the owner has enabled the ring (`IORING_REGISTER_ENABLE_RINGS`): nothing is
+    /// submitted before.
+    enabled: AtomicBool,
     /// The eventfd poll is not armed (at first, or its multishot ended).
     rearm: AtomicBool,
     /// The eventfd poll fired: drain the counter.
@@ -634,6 +637,7 @@ impl Ring {
                     parked: AtomicBool::new(false),
                 }),
                 thread: OnceLock::new(),
+                enabled: AtomicBool::new(false),
                 rearm: AtomicBool::new(true),
                 event: AtomicBool::new(false),
             })
@@ -693,21 +697,18 @@ impl Ring {
         let shared = &self.shared;
         let owner = shared.owner.as_ref().ok_or(RingError::NotOwnerMode)?;
         let me = std::thread::current().id();
-        let mut claimed = false;
-        let thread = *owner.thread.get_or_init(|| {
-            claimed = true;
-            me
-        });
-        if thread != me {
+        if *owner.thread.get_or_init(|| me) != me {
             return Err(RingError::OwnedElsewhere);
         }
-        if claimed {
+        // Only the owner thread gets here, so this is not racy.
+        if !owner.enabled.load(Ordering::SeqCst) {
             // With `SINGLE_ISSUER`, enabling the ring makes this thread its submitter.
             shared
                 .ring
                 .submitter()
                 .register_enable_rings()
                 .map_err(RingError::Enable)?;
+            owner.enabled.store(true, Ordering::SeqCst);
         }
         Ok(OwnerDriver {
             shared: shared.clone(),
@@ -985,6 +986,7 @@ impl Drop for Ring {
         if let Some(owner) = &shared.owner {
             match owner.thread.get() {
                 // Never enabled: nothing was ever submitted.
+                _ if !owner.enabled.load(Ordering::SeqCst) => {}
                 None => {}
                 Some(thread) if *thread == std::thread::current().id() => {
                     let (mut wakers, mut freed) = (Vec::new(), Vec::new());
