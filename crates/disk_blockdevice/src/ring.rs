@@ -494,8 +494,11 @@ impl Shared {
                 let table = self.table.lock();
                 // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
                 // flags are read.
-                let ready = unsafe { self.ring.submission_shared() }.taskrun()
-                    || !unsafe { self.ring.completion_shared() }.is_empty();
+                let taskrun = unsafe { self.ring.submission_shared() }.taskrun();
+                // SAFETY: the table lock also makes this the only `CompletionQueue` (every
+                // reaper takes it); only its head and tail are read.
+                let completed = !unsafe { self.ring.completion_shared() }.is_empty();
+                let ready = taskrun || completed;
                 drop(table);
                 if ready || signal.woken.load(Ordering::SeqCst) || start.elapsed() >= self.spin {
                     break;
@@ -771,14 +774,15 @@ impl Ring {
         slot.owned = owned;
         slot.state = SlotState::InFlight(Some(waker.clone()));
         table.outstanding += 1;
+        // The entry's iovec array and the memory it points to belong to slot `index`
+        // (`slot.iovecs`, `slot.owned`), which nothing modifies or frees until this entry's
+        // completion has been reaped: the future only keeps the index, and a dropped future
+        // abandons the slot instead of freeing it. A slot never has more than one entry and
+        // there are no more slots than submission queue entries, so a full queue is not
+        // expected (the owner mode's eventfd poll takes one entry too; a failed push is
+        // handled below).
         // SAFETY: the table lock serializes every producer of the submission queue, so this
-        // is the only `SubmissionQueue` alive. The entry's iovec array and the memory it
-        // points to belong to slot `index` (`slot.iovecs`, `slot.owned`), which nothing
-        // modifies or frees until this entry's completion has been reaped: the future only
-        // keeps the index, and a dropped future abandons the slot instead of freeing it. A
-        // slot never has more than one entry, and there are no more slots than submission
-        // queue entries, so the push cannot fail for lack of space while entries are only
-        // pushed here and consumed by `io_uring_enter`.
+        // is the only `SubmissionQueue` alive; the entry's memory outlives it (above).
         let pushed = unsafe { shared.ring.submission_shared().push(&entry) };
         if pushed.is_err() {
             // Not expected (see above); give the slot back and retry from the executor.

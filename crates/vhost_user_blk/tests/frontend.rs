@@ -54,6 +54,25 @@ fn requests_round_trip_through_translated_rings() {
 }
 
 #[test]
+fn requests_are_served_with_polling_off_and_at_its_longest() {
+    // Off, the kick thread sleeps after every kick; with a long window it keeps polling
+    // between the requests of a busy frontend. Both serve every request.
+    for poll_max in [Duration::ZERO, Duration::from_secs(1)] {
+        let backend = ram_backend(2048, 1);
+        backend.set_poll_max(poll_max);
+        let mut fe = TestFrontend::connect(backend.clone(), 1);
+        fe.negotiate();
+        fe.start_queue(0, 0).expect("start queue 0");
+        for i in 0..32u64 {
+            let data = pattern(i as u8, 512);
+            assert_eq!(fe.write(0, i, &data), blk::S_OK, "{poll_max:?}");
+            assert_eq!(fe.read(0, i, 512), (blk::S_OK, data), "{poll_max:?}");
+        }
+        assert!(matches!(fe.disconnect(), SessionEnd::Closed));
+    }
+}
+
+#[test]
 fn every_queue_serves_requests() {
     let backend = ram_backend(2048, 4);
     let mut fe = TestFrontend::connect(backend.clone(), 4);

@@ -212,24 +212,8 @@ impl<T: Send + Sync + 'static> DiskIo for KeptDisk<T> {
     fn disk_type(&self) -> &str {
         self.disk.disk_type()
     }
-    fn sector_count(&self) -> u64 {
-        self.disk.sector_count()
-    }
-    fn sector_size(&self) -> u32 {
-        self.disk.sector_size()
-    }
-    fn disk_id(&self) -> Option<[u8; 16]> {
-        self.disk.disk_id()
-    }
-    fn physical_sector_size(&self) -> u32 {
-        self.disk.physical_sector_size()
-    }
-    fn is_fua_respected(&self) -> bool {
-        self.disk.is_fua_respected()
-    }
-    fn is_read_only(&self) -> bool {
-        self.disk.is_read_only()
-    }
+    disk_backend::forward_disk_metadata!(self.disk);
+
     async fn read_vectored(
         &self,
         buffers: &RequestBuffers<'_>,

@@ -53,7 +53,7 @@ use smallvec::SmallVec;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
@@ -70,12 +70,13 @@ const ZERO_BYTES: usize = 64 << 10;
 struct RunQueue {
     state: Mutex<RunState>,
     ready: Condvar,
+    /// Tasks spawned and not yet finished (or dropped); an atomic, so that a request does
+    /// not take the lock to be counted.
+    live: AtomicUsize,
 }
 
 struct RunState {
     queued: VecDeque<Runnable>,
-    /// Tasks spawned and not yet finished (or dropped).
-    live: usize,
     /// No new tasks: the executor thread returns once `live` is 0.
     closed: bool,
 }
@@ -85,17 +86,17 @@ impl RunQueue {
         Arc::new(Self {
             state: Mutex::new(RunState {
                 queued: VecDeque::new(),
-                live: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
+            live: AtomicUsize::new(0),
         })
     }
 
     /// Makes `future` a task whose wake-ups queue it here, and returns it unpolled: the
     /// caller polls it first, on its own thread.
     fn spawn(self: &Arc<Self>, future: impl Future<Output = ()> + Send + 'static) -> Runnable {
-        self.state.lock().live += 1;
+        self.live.fetch_add(1, Ordering::Relaxed);
         let finished = LiveTask(self.clone());
         let future = async move {
             let _finished = finished;
@@ -117,7 +118,7 @@ impl RunQueue {
             {
                 let mut state = self.state.lock();
                 while state.queued.is_empty() {
-                    if state.closed && state.live == 0 {
+                    if state.closed && self.live.load(Ordering::Acquire) == 0 {
                         return;
                     }
                     self.ready.wait(&mut state);
@@ -143,9 +144,9 @@ struct LiveTask(Arc<RunQueue>);
 
 impl Drop for LiveTask {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        state.live -= 1;
-        if state.live == 0 && state.closed {
+        // The last task tells a closed executor under its lock, so the executor cannot miss
+        // it between checking the count and waiting.
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.state.lock().closed {
             self.0.ready.notify_all();
         }
     }

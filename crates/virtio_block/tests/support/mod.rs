@@ -99,24 +99,7 @@ impl DiskIo for GateDisk {
     fn disk_type(&self) -> &str {
         "gate"
     }
-    fn sector_count(&self) -> u64 {
-        self.inner.sector_count()
-    }
-    fn sector_size(&self) -> u32 {
-        self.inner.sector_size()
-    }
-    fn disk_id(&self) -> Option<[u8; 16]> {
-        None
-    }
-    fn physical_sector_size(&self) -> u32 {
-        self.inner.physical_sector_size()
-    }
-    fn is_fua_respected(&self) -> bool {
-        true
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
+    disk_backend::forward_disk_metadata!(self.inner);
     async fn read_vectored(
         &self,
         buffers: &RequestBuffers<'_>,
