@@ -12,13 +12,14 @@
 //! on a tokio current-thread runtime, the experimental `Completions::Owner` driven by the
 //! disk's own `OwnerDriver`, and at queue depth 1 the default and the owner mode with
 //! `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
-//! names contain the text (for profiling; without fio the ratios are to the first engine
-//! kept). Not part of CI: the figures depend on the machine.
+//! names contain the text, or one of its `|`-separated parts (for profiling; without fio the
+//! ratios are to the first engine kept). Not part of CI: the figures depend on the machine.
 
 use disk_backend::Disk;
 use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions, OwnerDriver};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use nix::sys::resource::{UsageWho, getrusage};
 use rand::{Rng, SeedableRng};
 use request_buffers::OwnedRequestBuffers;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,10 @@ struct Figures {
     bytes_per_second: f64,
     mean_latency_us: f64,
     p99_latency_us: f64,
+    /// User-space CPU time per request, in µs (fio's job process; our whole process).
+    user_us: f64,
+    /// Kernel CPU time per request, in µs.
+    system_us: f64,
 }
 
 struct Options {
@@ -84,7 +89,8 @@ struct Options {
     reps: usize,
     size_mib: u64,
     only: Option<String>,
-    /// Only the engines whose name contains this (fio is "fio"), for profiling.
+    /// Only the engines whose name contains this, or one of its `|`-separated parts (fio is
+    /// "fio"; a part ending in `$` must end the name), for profiling.
     engine: Option<String>,
     /// Only the workloads whose name contains this.
     workload: Option<String>,
@@ -194,7 +200,16 @@ fn run_fio(device: &Path, workload: &Workload, runtime: u64) -> Result<Figures, 
         .map_err(|e| format!("cannot parse fio's output: {e}"))?;
     let side = &json["jobs"][0][if workload.write { "write" } else { "read" }];
     let number = |v: &serde_json::Value| v.as_f64().ok_or(format!("fio output lacks {v}"));
+    // fio reports its job's CPU use as a percentage of the job's run time.
+    let job = &json["jobs"][0];
+    let seconds = number(&job["job_runtime"])? / 1000.0;
+    let requests = number(&side["total_ios"])?;
+    let cpu_us = |key: &str| -> Result<f64, String> {
+        Ok(number(&job[key])? / 100.0 * seconds * 1e6 / requests)
+    };
     Ok(Figures {
+        user_us: cpu_us("usr_cpu")?,
+        system_us: cpu_us("sys_cpu")?,
         iops: number(&side["iops"])?,
         bytes_per_second: number(&side["bw_bytes"])?,
         mean_latency_us: number(&side["lat_ns"]["mean"])? / 1000.0,
@@ -262,6 +277,7 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
         position * sectors_per_request
     };
     let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 20);
+    let usage_before = cpu_usage();
     let start = Instant::now();
     let end = start + Duration::from_secs(runtime);
     let job = async {
@@ -297,7 +313,10 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
         Executor::Owner(driver) => driver.block_on(job),
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let (user, system) = cpu_usage();
     let count = latencies_ns.len();
+    let per_request =
+        |after: Duration, before: Duration| (after - before).as_secs_f64() * 1e6 / count as f64;
     let mean = latencies_ns.iter().sum::<u64>() as f64 / count as f64;
     latencies_ns.sort_unstable();
     let p99 = latencies_ns[(count * 99 / 100).min(count - 1)];
@@ -306,7 +325,17 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
         bytes_per_second: (count * workload.block_size) as f64 / elapsed,
         mean_latency_us: mean / 1000.0,
         p99_latency_us: p99 as f64 / 1000.0,
+        user_us: per_request(user, usage_before.0),
+        system_us: per_request(system, usage_before.1),
     }
+}
+
+/// The user and system CPU time this process has used so far.
+fn cpu_usage() -> (Duration, Duration) {
+    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage(RUSAGE_SELF) cannot fail");
+    let duration =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    (duration(usage.user_time()), duration(usage.system_time()))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -437,14 +466,16 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         options.size_mib
     );
     println!(
-        "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
+        "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | median CPU µs/request (user + sys) | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let wanted = |name: &str| {
-        options
-            .engine
-            .as_ref()
-            .is_none_or(|e| name.contains(e.as_str()))
+        options.engine.as_ref().is_none_or(|e| {
+            e.split('|').any(|part| match part.strip_suffix('$') {
+                Some(end) => name.ends_with(end),
+                None => name.contains(part),
+            })
+        })
     };
     for workload in &WORKLOADS {
         if options
@@ -507,13 +538,15 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                 (pairs, iops_ratio, latency_ratio)
             };
             println!(
-                "| {} | {engine} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {pairs} | {iops_ratio} | {latency_ratio} |",
+                "| {} | {engine} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} + {:.1} | {pairs} | {iops_ratio} | {latency_ratio} |",
                 workload.name,
                 format_runs(&runs[i], |f| f.iops, 1.0),
                 med(|f| f.iops),
                 med(|f| f.bytes_per_second) / (1 << 20) as f64,
                 med(|f| f.mean_latency_us),
                 med(|f| f.p99_latency_us),
+                med(|f| f.user_us),
+                med(|f| f.system_us),
             );
         }
     }

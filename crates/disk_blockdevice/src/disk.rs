@@ -32,11 +32,11 @@ pub struct BlockDeviceOptions {
     /// when that is a power of two of at least the logical sector size, else the logical
     /// sector size.
     pub file_physical_sector_size: Option<u32>,
-    /// How long the completion thread (or, in [`Completions::Owner`] mode, the owner
-    /// thread) polls for a completion before sleeping, while one or two requests are
-    /// outstanding. Zero (the default) never polls. Polling saves a thread wake-up per
-    /// request at low queue depth (lower latency) at the price of a busy core while such
-    /// requests are in flight; see `docs/benchmarks.md`.
+    /// How long the completion thread polls for a completion before sleeping, while one or
+    /// two requests are outstanding; in [`Completions::Owner`] mode, the longest window of
+    /// the owner's adaptive polling (see there). Zero (the default) never polls. Polling
+    /// saves a thread wake-up per request at low queue depth (lower latency) at the price of
+    /// a busy core while such requests are in flight; see `docs/benchmarks.md`.
     pub completion_spin: std::time::Duration,
     /// Who reaps completions when no request future is being polled: a completion thread
     /// (the default, any executor), a task on the current tokio runtime, or the thread that

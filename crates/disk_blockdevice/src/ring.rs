@@ -35,7 +35,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{JoinHandle, ThreadId};
@@ -56,13 +56,43 @@ const IOV_MAX: usize = 1024;
 const WAKE_TOKEN: u64 = u64::MAX;
 
 /// In [`Completions::Owner`] mode with many requests in flight, the owner waits for this
-/// fraction of them to complete (a quarter) ...
+/// fraction of them to complete (a quarter) before it wakes ...
 const OWNER_BATCH_DIVISOR: usize = 4;
 
-/// ... or for this many microseconds, after which one completion is enough
-/// (`min_wait_usec`, Linux 6.12). It bounds the latency the batching adds to a request, and
-/// the delay of a wake-up from another thread while the owner waits for a batch.
-const OWNER_MIN_WAIT_US: u32 = 20;
+/// ... or for a timeout request, kept armed with this period while the owner waits for
+/// batches, to fire: a fired timeout ends any `io_uring_enter` wait whatever the count. It
+/// bounds the delay the batching adds to a completed request (should the rest of the batch
+/// be slow or stuck) and to a wake-up from another thread. Measured at queue depth 32 at
+/// memory speed (`docs/benchmarks.md`): a timer per wait (`min_wait_usec`, or a wait
+/// timeout) cost 8 to 10 % of the IOPS, a 100 µs period 12 %, this period nothing
+/// measurable; timer interrupts are expensive in a virtual machine.
+const OWNER_WAIT_BOUND: Duration = Duration::from_millis(1);
+
+/// `user_data` of the timeout request of [`OWNER_WAIT_BOUND`]; never a slot index.
+const TIMER_TOKEN: u64 = u64::MAX - 2;
+
+/// The shortest poll window of the owner: halving a window below this stops polling (see
+/// [`adapt_poll_window`]).
+const POLL_MIN: Duration = Duration::from_micros(2);
+
+/// The owner's next poll window, after a wait that polling did not catch and that took
+/// `waited` in all, polling `window` first: the whole of `max` if the completion came
+/// within it (polling that long would have caught it), half of `window` if it took longer
+/// (down to nothing, for a device slower than `max`, where polling only burns a core).
+/// Halving rather than stopping at once keeps one slow request from costing the next ones
+/// their polling; growing at once rather than step by step (QEMU's event loop doubles its
+/// `poll-ns`) catches the very next completion: measured at queue depth 1 at memory speed,
+/// doubling from 4 µs and stopping after a slow request gave 1.07× fio's latency, this
+/// 0.8 to 0.9× (`docs/benchmarks.md`).
+fn adapt_poll_window(window: Duration, waited: Duration, max: Duration) -> Duration {
+    if waited <= max {
+        max
+    } else if window / 2 >= POLL_MIN {
+        window / 2
+    } else {
+        Duration::ZERO
+    }
+}
 
 /// `user_data` of the multishot poll on the eventfd of [`Completions::Owner`]; never a slot
 /// index.
@@ -104,11 +134,16 @@ pub enum Completions {
     /// - Requests polled on other threads queue their entries and wake the owner through an
     ///   eventfd polled in the ring; they make progress only while the owner runs
     ///   `block_on` (possibly on a future that only waits for the program to stop).
-    /// - With many requests in flight the owner waits for a quarter of them, or 20 µs,
-    ///   before it wakes (`min_wait_usec`, Linux 6.12; one completion on older kernels).
+    /// - With eight or more requests in flight the owner sleeps until a quarter of them
+    ///   have completed, or at most about 1 ms (a timeout request kept armed while it
+    ///   waits for such batches), so a completed request, or a wake-up from another thread,
+    ///   may wait that long for the rest of its batch.
     /// - With [`completion_spin`](crate::BlockDeviceOptions::completion_spin), while one or
-    ///   two requests are in flight the owner polls the ring's task-run flag for that long
-    ///   before it sleeps, at the price of a busy core.
+    ///   two requests are in flight the owner polls the ring's task-run flag before it
+    ///   sleeps, for an adaptive window of up to that long: the whole of it after a
+    ///   completion that came within it, half the last window after one that did not (down
+    ///   to none, on a device slower than that). A busy core while requests complete that
+    ///   fast; little polling on a slower device.
     /// - Dropping the disk on the owner thread waits for abandoned requests; dropped on
     ///   another thread with requests still in flight, the ring and their memory are leaked
     ///   rather than freed while the kernel may use them.
@@ -309,6 +344,14 @@ struct OwnerState {
     rearm: AtomicBool,
     /// The eventfd poll fired: drain the counter.
     event: AtomicBool,
+    /// The [`OWNER_WAIT_BOUND`] timeout request is in flight.
+    timer_armed: AtomicBool,
+    /// How long the owner polls before it sleeps, in nanoseconds, at most `completion_spin`
+    /// (see [`adapt_poll_window`]).
+    poll_window: AtomicU64,
+    /// Its period; the kernel reads it when the request is submitted, by the owner thread
+    /// during its wait, while `Shared` (and so this field) lives.
+    tick: types::Timespec,
 }
 
 /// How the owner thread is woken: a flag it checks before it waits, and an eventfd polled
@@ -376,6 +419,12 @@ impl Shared {
         for cqe in completions.take(limit) {
             let token = cqe.user_data();
             if token == WAKE_TOKEN {
+                continue;
+            }
+            if token == TIMER_TOKEN {
+                if let Some(owner) = &self.owner {
+                    owner.timer_armed.store(false, Ordering::Relaxed);
+                }
                 continue;
             }
             if token == EVENT_TOKEN {
@@ -478,7 +527,7 @@ impl Shared {
             let table = self.table.lock();
             // SAFETY: the table lock makes this the only `SubmissionQueue`; the poll
             // references no memory, only the eventfd, which the kernel holds a reference
-            // to. One entry beyond the slots is kept free for it.
+            // to. One entry beyond the slots is kept free for it (and one for the timeout).
             let pushed = unsafe { self.ring.submission_shared().push(&poll) };
             drop(table);
             if pushed.is_err() {
@@ -486,10 +535,16 @@ impl Shared {
                 owner.rearm.store(true, Ordering::Relaxed);
             }
         }
-        if !self.spin.is_zero() && (1..=2).contains(&self.table.lock().outstanding) {
+        let outstanding = self.table.lock().outstanding;
+        // With one or two requests in flight and `completion_spin` set, poll for up to the
+        // adaptive window before sleeping, and adapt the window after the wait.
+        let polling = !self.spin.is_zero() && (1..=2).contains(&outstanding);
+        let start = polling.then(Instant::now);
+        let window = Duration::from_nanos(owner.poll_window.load(Ordering::Relaxed));
+        let mut caught = false;
+        if let Some(start) = start.filter(|_| !window.is_zero()) {
             // Submit, then poll for the completions' task work before sleeping.
             let _ = self.ring.submit();
-            let start = Instant::now();
             loop {
                 let table = self.table.lock();
                 // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
@@ -498,9 +553,9 @@ impl Shared {
                 // SAFETY: the table lock also makes this the only `CompletionQueue` (every
                 // reaper takes it); only its head and tail are read.
                 let completed = !unsafe { self.ring.completion_shared() }.is_empty();
-                let ready = taskrun || completed;
+                caught = taskrun || completed;
                 drop(table);
-                if ready || signal.woken.load(Ordering::SeqCst) || start.elapsed() >= self.spin {
+                if caught || signal.woken.load(Ordering::SeqCst) || start.elapsed() >= window {
                     break;
                 }
                 std::hint::spin_loop();
@@ -517,21 +572,33 @@ impl Shared {
             self.ring.submitter().submit_with_args(1, &args)
         } else {
             // With many requests in flight, wake once for a batch of completions rather than
-            // for each (fewer wake-ups of this thread: +15-20 % IOPS at queue depth 32), but
-            // for at most `OWNER_MIN_WAIT_US` before returning with whatever has completed.
-            let want = if self.ring.params().is_feature_min_timeout() {
-                (self.table.lock().outstanding / OWNER_BATCH_DIVISOR).max(1)
-            } else {
-                1
-            };
-            if want > 1 {
-                let args = types::SubmitArgs::new().min_wait_usec(OWNER_MIN_WAIT_US);
-                self.ring.submitter().submit_with_args(want, &args)
-            } else {
-                self.ring.submit_and_wait(1)
+            // for each (fewer wake-ups of this thread: +15-20 % IOPS at queue depth 32), or
+            // when the `OWNER_WAIT_BOUND` timeout fires.
+            let want = (outstanding / OWNER_BATCH_DIVISOR).max(1);
+            if want > 1 && !owner.timer_armed.load(Ordering::Relaxed) {
+                let timeout = opcode::Timeout::new(&raw const owner.tick)
+                    .build()
+                    .user_data(TIMER_TOKEN);
+                let table = self.table.lock();
+                // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
+                // points at `owner.tick`, which lives as long as `self` and which the kernel
+                // copies when this thread submits the entry, in the `io_uring_enter` below.
+                // One entry beyond the slots and the eventfd poll is kept free for it.
+                let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
+                drop(table);
+                // If the push failed (not expected), this wait is bounded by its count only
+                // and the next one tries again.
+                owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
             }
+            self.ring.submit_and_wait(want)
         };
         signal.parked.store(false, Ordering::SeqCst);
+        if let Some(start) = start.filter(|_| !caught) {
+            let window = adapt_poll_window(window, start.elapsed(), self.spin);
+            owner
+                .poll_window
+                .store(window.as_nanos() as u64, Ordering::Relaxed);
+        }
         if let Err(e) = result {
             match e.raw_os_error() {
                 Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME) => {}
@@ -590,12 +657,14 @@ impl Ring {
         completion_spin: Duration,
     ) -> Result<Self, RingError> {
         let owner_mode = completions == Completions::Owner;
+        // In owner mode, entries beyond the slots for the eventfd poll and the timeout.
+        let reserved = if owner_mode { 2 } else { 0 };
         let mut builder = IoUring::builder();
         if owner_mode {
-            // One more entry for the eventfd poll (rounded up by the kernel); the ring is
-            // enabled by the thread that claims it, which becomes its single issuer.
+            // The ring is enabled by the thread that claims it, which becomes its single
+            // issuer.
             builder
-                .setup_cqsize((entries + 1) * 2)
+                .setup_cqsize((entries + reserved) * 2)
                 .setup_single_issuer()
                 .setup_defer_taskrun()
                 .setup_taskrun_flag()
@@ -608,7 +677,7 @@ impl Ring {
             // the kernel.
         }
         let ring = builder
-            .build(if owner_mode { entries + 1 } else { entries })
+            .build(entries + reserved)
             .map_err(RingError::Setup)?;
         let mut probe = Probe::new();
         ring.submitter()
@@ -623,8 +692,8 @@ impl Ring {
         ring.submitter()
             .register_files(&[fd])
             .map_err(RingError::Register)?;
-        // In owner mode one submission entry stays free for the eventfd poll.
-        let slots = ring.params().sq_entries() - u32::from(owner_mode);
+        // The kernel rounds the entries up to a power of two.
+        let slots = ring.params().sq_entries() - reserved;
         let owner = if owner_mode {
             // SAFETY: `eventfd` takes no pointers; a non-negative result is a new descriptor
             // that nothing else owns.
@@ -643,6 +712,9 @@ impl Ring {
                 enabled: AtomicBool::new(false),
                 rearm: AtomicBool::new(true),
                 event: AtomicBool::new(false),
+                timer_armed: AtomicBool::new(false),
+                poll_window: AtomicU64::new(0),
+                tick: types::Timespec::from(OWNER_WAIT_BOUND),
             })
         } else {
             None
@@ -779,8 +851,8 @@ impl Ring {
         // completion has been reaped: the future only keeps the index, and a dropped future
         // abandons the slot instead of freeing it. A slot never has more than one entry and
         // there are no more slots than submission queue entries, so a full queue is not
-        // expected (the owner mode's eventfd poll takes one entry too; a failed push is
-        // handled below).
+        // expected (the owner mode's eventfd poll and timeout have entries of their own; a
+        // failed push is handled below).
         // SAFETY: the table lock serializes every producer of the submission queue, so this
         // is the only `SubmissionQueue` alive; the entry's memory outlives it (above).
         let pushed = unsafe { shared.ring.submission_shared().push(&entry) };
@@ -1252,5 +1324,166 @@ impl Drop for Request<'_> {
             Stage::InFlight(index) => self.ring.abandon(index),
             Stage::Queued { .. } | Stage::Finished => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    use request_buffers::BounceBuffer;
+    use std::pin::pin;
+    use std::sync::Weak;
+    use std::sync::mpsc;
+
+    /// A pipe's read and write ends: a read of the pipe stays in flight until something is
+    /// written (or the write end closes), which no file or block device offers.
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
+    }
+
+    /// An owner-mode ring reading the pipe `fd`.
+    fn owner_ring(fd: &OwnedFd) -> Ring {
+        Ring::new(fd.as_raw_fd(), 16, &[], Completions::Owner, Duration::ZERO)
+            .expect("an owner-mode ring (io_uring with DEFER_TASKRUN, Linux 6.1)")
+    }
+
+    /// A one-byte read at the pipe's position (offset -1).
+    fn read_one(ring: &Ring) -> Request<'_> {
+        ring.run(
+            Op::Read { offset: u64::MAX },
+            Owned::Bounce(BounceBuffer::new(1)),
+            0,
+        )
+    }
+
+    #[test]
+    fn poll_window_grows_to_the_maximum_and_halves_after_slow_waits() {
+        let max = Duration::from_micros(50);
+        let us = Duration::from_micros;
+        // A completion within the maximum: poll the whole maximum next time.
+        assert_eq!(adapt_poll_window(Duration::ZERO, us(17), max), max);
+        assert_eq!(adapt_poll_window(us(12), max, max), max);
+        // Slower than the maximum: halve, then stop below the minimum.
+        assert_eq!(adapt_poll_window(max, us(51), max), us(25));
+        assert_eq!(adapt_poll_window(us(4), us(900), max), us(2));
+        assert_eq!(adapt_poll_window(us(3), us(900), max), Duration::ZERO);
+        assert_eq!(
+            adapt_poll_window(Duration::ZERO, us(900), max),
+            Duration::ZERO
+        );
+    }
+
+    /// With twelve reads in flight the owner waits for three completions; when only one
+    /// comes, the timeout request must end the wait, or that read would wait for the
+    /// others forever.
+    #[test]
+    fn a_batched_wait_ends_when_the_timer_fires() {
+        let (read_end, write_end) = pipe();
+        let ring = owner_ring(&read_end);
+        let driver = ring.driver().unwrap();
+        let (release, released) = mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            nix::unistd::write(&write_end, &[7]).unwrap();
+            // Closing the write end completes the other reads (end of file); without the
+            // timer, that is also what would end the test's wait, after 5 s.
+            let _ = released.recv_timeout(Duration::from_secs(5));
+        });
+        let start = Instant::now();
+        let mut reads: FuturesUnordered<_> = (0..12).map(|_| read_one(&ring)).collect();
+        let (result, owned) = driver.block_on(reads.next()).unwrap();
+        let elapsed = start.elapsed();
+        assert_eq!(result.unwrap(), 1);
+        let Owned::Bounce(buffer) = owned else {
+            panic!("the read's bounce buffer comes back");
+        };
+        assert_eq!(buffer.as_bytes(), &[7u8][..]);
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "the first completion took {elapsed:?}: the batched wait was not bounded"
+        );
+        release.send(()).unwrap();
+        writer.join().unwrap();
+        // The others end at end of file.
+        let rest = driver.block_on(reads.collect::<Vec<_>>());
+        assert_eq!(rest.len(), 11);
+        assert!(rest.iter().all(|(result, _)| matches!(result, Ok(0))));
+    }
+
+    /// Runs `ring`'s driver on a new thread until two pipe reads are in flight, then drops
+    /// their futures there and returns, leaving the reads to the kernel.
+    fn abandon_two_reads_on_another_thread(ring: &Ring) {
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let driver = ring.driver().unwrap();
+                let mut first = pin!(read_one(ring));
+                let mut second = pin!(read_one(ring));
+                let (wake, woken) = futures::channel::oneshot::channel::<()>();
+                let waker = scope.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    wake.send(()).unwrap();
+                });
+                // Polls both reads (queued), then waits in the ring (submitted) until the
+                // other thread's wake-up.
+                driver.block_on(async {
+                    futures::future::poll_fn(|cx| {
+                        assert!(first.as_mut().poll(cx).is_pending());
+                        assert!(second.as_mut().poll(cx).is_pending());
+                        Poll::Ready(())
+                    })
+                    .await;
+                    woken.await.unwrap();
+                });
+                waker.join().unwrap();
+                assert_eq!(ring.shared.table.lock().outstanding, 2);
+            });
+        });
+    }
+
+    #[test]
+    fn dropped_off_the_owner_thread_with_reads_in_flight_the_ring_is_leaked() {
+        let (read_end, write_end) = pipe();
+        let ring = owner_ring(&read_end);
+        abandon_two_reads_on_another_thread(&ring);
+        let shared: Weak<Shared> = Arc::downgrade(&ring.shared);
+        // This thread cannot run the completions' task work: dropping must not wait for
+        // them (it would wait forever) nor free their buffers.
+        drop(ring);
+        assert!(
+            shared.upgrade().is_some(),
+            "the ring and the buffers the kernel may still write must be kept"
+        );
+        drop(write_end);
+    }
+
+    #[test]
+    fn dropped_on_the_owner_thread_the_ring_waits_for_reads_in_flight() {
+        let (read_end, write_end) = pipe();
+        let ring = owner_ring(&read_end);
+        let driver = ring.driver().unwrap();
+        let mut reads: FuturesUnordered<_> = (0..2).map(|_| read_one(&ring)).collect();
+        // Polled once: both reads are queued, not yet submitted; dropping the ring on this
+        // thread submits them and waits for them to complete.
+        driver.block_on(futures::future::poll_fn(|cx| {
+            assert!(reads.poll_next_unpin(cx).is_pending());
+            Poll::Ready(())
+        }));
+        drop(reads);
+        let shared: Weak<Shared> = Arc::downgrade(&ring.shared);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            nix::unistd::write(&write_end, &[1, 2]).unwrap();
+        });
+        let start = Instant::now();
+        drop(driver);
+        drop(ring);
+        assert!(
+            start.elapsed() >= Duration::from_millis(20),
+            "the drop waited"
+        );
+        assert!(shared.upgrade().is_none(), "nothing is leaked");
+        writer.join().unwrap();
     }
 }
