@@ -5,13 +5,14 @@
 //! `--direct-io=on` (one backed by a file in `/dev/shm`, one by a file on disk in `/var/tmp`),
 //! installs fio with apt-get if it is missing, and for each workload (4 KiB random read at
 //! queue depth 1 and 32, 1 MiB sequential read and write at depth 8, all `O_DIRECT`)
-//! alternates fio and each of our engines `--reps` times, then prints IOPS, bandwidth, mean
-//! and p99 latency per run, their medians, and the ratio of each pair (ours / fio). Our
+//! alternates fio and each of our engines `--reps` times, then prints IOPS per run, and the
+//! medians of IOPS, bandwidth, mean and p99 latency and CPU time per request (user and
+//! system: fio's job process, our whole process), and the ratio of each pair (ours / fio). Our
 //! engines: the default options driven by `futures::executor::block_on` (what an executor
 //! without a reactor gets, such as the `LocalPool` of `virtio_block`), `Completions::Tokio`
 //! on a tokio current-thread runtime, the experimental `Completions::Owner` driven by the
-//! disk's own `OwnerDriver`, and at queue depth 1 the default and the owner mode with
-//! `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
+//! disk's own `OwnerDriver`, the owner mode with `completion_spin` (adaptive polling), and
+//! at queue depth 1 the default with `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
 //! names contain the text, or one of its `|`-separated parts (for profiling; without fio the
 //! ratios are to the first engine kept). Not part of CI: the figures depend on the machine.
 
@@ -372,8 +373,9 @@ fn format_runs(runs: &[Figures], value: impl Fn(&Figures) -> f64, scale: f64) ->
         .join(", ")
 }
 
-/// The completion thread's polling time of the `spin` engine (QD1 only, where a thread
-/// wake-up is a large part of the latency).
+/// `completion_spin` of the polling engines: the completion thread's fixed spin (QD1 only,
+/// where a thread wake-up is a large part of the latency; it only spins with one or two
+/// requests in flight) and the owner's adaptive polling (every workload).
 const SPIN: Duration = Duration::from_micros(50);
 
 /// One engine of ours: a disk and how its futures are driven.
@@ -452,7 +454,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             },
         ),
         (
-            "ours, owner mode, driver block_on, spin 50 µs",
+            "ours, owner mode, driver block_on, adaptive poll ≤ 50 µs",
             Ours {
                 disk: owner_spinning,
                 executor: Executor::Owner(&owner_spinning_driver),

@@ -34,7 +34,7 @@ pub struct BlockDeviceOptions {
     pub file_physical_sector_size: Option<u32>,
     /// How long the completion thread polls for a completion before sleeping, while one or
     /// two requests are outstanding; in [`Completions::Owner`] mode, the longest window of
-    /// the owner's adaptive polling (see there). Zero (the default) never polls. Polling
+    /// the owner's adaptive polling, at any depth (see there). Zero (the default) never polls. Polling
     /// saves a thread wake-up per request at low queue depth (lower latency) at the price of
     /// a busy core while such requests are in flight; see `docs/benchmarks.md`.
     pub completion_spin: std::time::Duration,
