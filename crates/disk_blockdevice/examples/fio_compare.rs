@@ -10,7 +10,7 @@
 //! system: fio's job process, our whole process), and the ratio of each pair (ours / fio). Our
 //! engines: the default options driven by `futures::executor::block_on` (what an executor
 //! without a reactor gets, such as the `LocalPool` of `virtio_block`), `Completions::Tokio`
-//! on a tokio current-thread runtime, the experimental `Completions::Owner` driven by the
+//! on a tokio current-thread runtime, `Completions::Owner` driven by the
 //! disk's own `OwnerDriver`, the owner mode with `completion_spin` (adaptive polling), and
 //! at queue depth 1 the default with `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
 //! names contain the text, or one of its `|`-separated parts (for profiling; without fio the

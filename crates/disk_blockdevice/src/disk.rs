@@ -40,7 +40,7 @@ pub struct BlockDeviceOptions {
     pub completion_spin: std::time::Duration,
     /// Who reaps completions when no request future is being polled: a completion thread
     /// (the default, any executor), a task on the current tokio runtime, or the thread that
-    /// owns the ring (experimental). See the [crate documentation](crate#completions).
+    /// owns the ring. See the [crate documentation](crate#completions).
     pub completions: Completions,
 }
 
@@ -286,7 +286,7 @@ impl BlockDeviceDisk {
     }
 
     /// Claims the disk's ring for the calling thread and returns the driver that runs its
-    /// futures there, in [`Completions::Owner`] mode (experimental). The first call makes
+    /// futures there, in [`Completions::Owner`] mode. The first call makes
     /// the calling thread the owner; later calls on the same thread return another driver.
     /// Fails with [`RingError::NotOwnerMode`] in another mode and with
     /// [`RingError::OwnedElsewhere`] on another thread.

@@ -47,18 +47,21 @@
 //!   takes over. Opening fails with [`RingError::NoRuntime`] outside a runtime with I/O
 //!   enabled. In a resolver spec: `blockdev(PATH, completions=tokio)`.
 //!
-//! - [`Completions::Owner`] (experimental): one thread owns the ring (`SINGLE_ISSUER |
-//!   DEFER_TASKRUN`, as fio) and runs the futures with the [`OwnerDriver`] from
-//!   [`BlockDeviceDisk::driver`], which submits and waits for completions in one
-//!   `io_uring_enter` when the futures are idle, as fio's own loop does. Requests polled on
-//!   other threads wake the owner and progress only while it drives. The fastest mode at
-//!   memory speed (about 0.9× fio's IOPS at queue depth 32 against 0.7 to 0.75× for the
-//!   others; at queue depth 1 below fio's latency with `completion_spin`:
-//!   `docs/benchmarks.md`). Not available in a resolver spec, which cannot hand out the
+//! - [`Completions::Owner`]: one thread owns the ring (`SINGLE_ISSUER | DEFER_TASKRUN`, as
+//!   fio) and runs the futures with the [`OwnerDriver`] from [`BlockDeviceDisk::driver`],
+//!   which submits and waits for completions in one `io_uring_enter` when the futures are
+//!   idle, as fio's own loop does; with many requests in flight it wakes once per quarter of
+//!   them. Requests polled on other threads wake the owner and progress only while it
+//!   drives. The fastest mode: 0.9 to 1.0× fio's IOPS at queue depth 32 at memory speed
+//!   (0.65 to 0.75× for the others), 1.05 to 1.15× on a disk-backed device, and with
+//!   `completion_spin` (adaptive polling) below fio's latency at queue depth 1
+//!   (`docs/benchmarks.md`). Not available in a resolver spec, which cannot hand out the
 //!   driver.
 //!
-//! [`BlockDeviceOptions::completion_spin`] makes the completion thread (or the owner) poll
-//! briefly before it sleeps, at the price of a busy core.
+//! [`BlockDeviceOptions::completion_spin`] makes the completion thread poll for a fixed time
+//! before it sleeps (one or two requests in flight), and the owner poll for an adaptive
+//! window of at most that long (any depth), at the price of a busy core while completions
+//! come that fast.
 //!
 //! io_uring and every opcode the disk uses are probed at open: a kernel without them fails
 //! [`BlockDeviceDisk::open`] with [`OpenError::Ring`], never the first I/O.

@@ -123,7 +123,7 @@ pub enum Completions {
     /// before the disk is dropped, a completion thread takes over.
     #[cfg(feature = "tokio")]
     Tokio,
-    /// Experimental. One thread owns the ring (`IORING_SETUP_SINGLE_ISSUER |
+    /// One thread owns the ring (`IORING_SETUP_SINGLE_ISSUER |
     /// IORING_SETUP_DEFER_TASKRUN`, as fio sets up its own) and runs the disk's futures
     /// with [`OwnerDriver::block_on`], whose idle step is one `io_uring_enter` that submits
     /// what the futures queued and waits for completions, so completions are processed by
@@ -1421,11 +1421,7 @@ mod tests {
     }
 
     /// Writes `bytes` to the pipe after `delay`, on another thread.
-    fn write_later(
-        write_end: &OwnedFd,
-        delay: Duration,
-        bytes: usize,
-    ) -> std::thread::JoinHandle<()> {
+    fn write_later(write_end: &OwnedFd, delay: Duration, bytes: usize) -> JoinHandle<()> {
         let write_end = write_end.try_clone().unwrap();
         std::thread::spawn(move || {
             std::thread::sleep(delay);
@@ -1447,7 +1443,7 @@ mod tests {
             let owner = ring.shared.owner.as_ref().unwrap();
             Duration::from_nanos(owner.poll_window.load(Ordering::Relaxed))
         };
-        let mut read_all = |count: usize, delay: Duration| {
+        let read_all = |count: usize, delay: Duration| {
             let writer = write_later(&write_end, delay, count);
             let reads: FuturesUnordered<_> = (0..count).map(|_| read_one(&ring)).collect();
             let results = driver.block_on(reads.collect::<Vec<_>>());

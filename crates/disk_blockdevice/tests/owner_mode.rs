@@ -1,4 +1,4 @@
-//! `Completions::Owner` (experimental): the owner thread runs the disk's futures with its
+//! `Completions::Owner`: the owner thread runs the disk's futures with its
 //! driver. The conformance suite on a file disk whose futures are polled on the test thread
 //! while an owner thread drives the ring; reads and writes through the driver, refusals, a
 //! request polled on another thread, a cross-thread wake, and dropped futures.
