@@ -38,6 +38,15 @@ impl ResolveDisk for BlockDeviceResolver {
             None | Some("thread") => Completions::Thread,
             #[cfg(feature = "tokio")]
             Some("tokio") => Completions::Tokio,
+            Some("owner") => {
+                // A resolved disk has no way to hand its driver to the thread that should
+                // run its futures, and without a driver its requests would never progress.
+                return Err(ctx.error(
+                    "`completions=owner` is not available in a spec: the owner mode needs the \
+                     program to run the disk's futures on the thread that claims its driver \
+                     (`Completions::Owner` and `BlockDeviceDisk::driver` in code)",
+                ));
+            }
             Some(other) => {
                 return Err(ctx.error(format!(
                     "`completions` is `thread`{}, not `{other}`",
@@ -148,6 +157,10 @@ mod tests {
             (
                 format!("blockdev({path}, completions=fast)"),
                 "`completions` is `thread`",
+            ),
+            (
+                format!("blockdev({path}, completions=owner)"),
+                "`completions=owner` is not available in a spec",
             ),
             (
                 // Outside a tokio runtime.
