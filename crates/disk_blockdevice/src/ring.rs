@@ -29,6 +29,7 @@ use io_uring::{IoUring, Probe, opcode, types};
 use parking_lot::{Mutex, MutexGuard};
 use request_buffers::{BounceBuffer, IoBuffer, LockedIoBuffers};
 use smallvec::SmallVec;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
@@ -458,6 +459,15 @@ impl Shared {
         slot_freed
     }
 
+    /// Scratch space for [`Shared::reap_all`], sized for every slot, so that a reaper's
+    /// first large batch does not allocate (a thread that reaps rarely, such as the
+    /// completion thread while the futures reap inline, would otherwise allocate at a time
+    /// that depends on timing).
+    fn scratch(&self) -> (Vec<Waker>, Vec<Owned>) {
+        let slots = self.table.lock().slots.len();
+        (Vec::with_capacity(slots), Vec::with_capacity(slots))
+    }
+
     /// Reaps every completion queued now and wakes the futures, outside the lock; `wakers`
     /// and `freed` are scratch space kept by the caller. Returns whether the ring is
     /// stopping with nothing outstanding.
@@ -795,6 +805,7 @@ impl Ring {
         }
         Ok(OwnerDriver {
             shared: shared.clone(),
+            scratch: Cell::new(shared.scratch()),
             _not_send: PhantomData,
         })
     }
@@ -976,10 +987,19 @@ impl Ring {
 /// Runs futures on the thread that owns a [`Completions::Owner`] ring; see
 /// [`BlockDeviceDisk::driver`](crate::BlockDeviceDisk::driver). Not `Send`: it belongs to
 /// the owner thread.
-#[derive(Debug)]
 pub struct OwnerDriver {
     shared: Arc<Shared>,
+    /// [`Shared::reap_all`]'s scratch space, kept from one `block_on` to the next.
+    scratch: Cell<(Vec<Waker>, Vec<Owned>)>,
     _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for OwnerDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerDriver")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OwnerDriver {
@@ -996,10 +1016,12 @@ impl OwnerDriver {
         let waker = Waker::from(signal.clone());
         let mut cx = Context::from_waker(&waker);
         let mut future = std::pin::pin!(future);
-        let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+        // A nested `block_on` (from within `future`) finds it empty and grows its own.
+        let (mut wakers, mut freed) = self.scratch.take();
         loop {
             signal.woken.store(false, Ordering::SeqCst);
             if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                self.scratch.set((wakers, freed));
                 return output;
             }
             while !signal.woken.load(Ordering::SeqCst) {
@@ -1073,7 +1095,7 @@ impl Drop for Ring {
                 _ if !owner.enabled.load(Ordering::SeqCst) => {}
                 None => {}
                 Some(thread) if *thread == std::thread::current().id() => {
-                    let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+                    let (mut wakers, mut freed) = shared.scratch();
                     while !shared.reap_all(&mut wakers, &mut freed) {
                         owner.signal.woken.store(false, Ordering::SeqCst);
                         shared.owner_wait(&owner.signal);
@@ -1092,7 +1114,7 @@ impl Drop for Ring {
         let Some(thread) = thread else {
             // No completion thread (tokio mode): wait for the outstanding completions here,
             // so no memory the kernel may use is freed before the kernel is done with it.
-            let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+            let (mut wakers, mut freed) = shared.scratch();
             while !shared.reap_all(&mut wakers, &mut freed) {
                 shared.wait();
             }
@@ -1126,8 +1148,7 @@ impl Drop for Ring {
 
 /// Reaps completions until the ring stops and nothing is outstanding.
 fn completion_thread(shared: &Shared) {
-    let mut wakers: Vec<Waker> = Vec::new();
-    let mut freed: Vec<Owned> = Vec::new();
+    let (mut wakers, mut freed) = shared.scratch();
     loop {
         if !shared.spin.is_zero() && spin_for_completion(shared) {
             // A completion arrived while spinning: reap it without sleeping.
@@ -1230,7 +1251,7 @@ mod reactor {
     }
 
     async fn run(shared: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
-        let (mut wakers, mut freed) = (Vec::new(), Vec::new());
+        let (mut wakers, mut freed) = shared.scratch();
         loop {
             let Ok(mut ready) = fd.readable().await else {
                 return;
