@@ -60,17 +60,53 @@ const WAKE_TOKEN: u64 = u64::MAX;
 /// fraction of them to complete (a quarter) before it wakes ...
 const OWNER_BATCH_DIVISOR: usize = 4;
 
-/// ... or for a timeout request, kept armed with this period while the owner waits for
-/// batches, to fire: a fired timeout ends any `io_uring_enter` wait whatever the count. It
-/// bounds the delay the batching adds to a completed request (should the rest of the batch
-/// be slow or stuck) and to a wake-up from another thread. Measured at queue depth 32 at
-/// memory speed (`docs/benchmarks.md`): a timer per wait (`min_wait_usec`, or a wait
-/// timeout) cost 8 to 10 % of the IOPS, a 100 µs period 12 %, this period nothing
-/// measurable; timer interrupts are expensive in a virtual machine.
+/// ... or until a multishot timeout request with this period fires: a timeout that fires
+/// while a thread waits in `io_uring_enter` ends the wait whatever the count, and one that
+/// fires every period ends any wait within a period of its start. It is armed with the
+/// first batched wait and removed when nothing is in flight. It bounds the delay the
+/// batching adds to a completed request (should the rest of the batch be slow or stuck) and
+/// to a wake-up from another thread. Measured at queue depth 32 at memory speed
+/// (`docs/benchmarks.md`): a timer per wait (`min_wait_usec`, or a wait timeout) cost 8 to
+/// 10 % of the IOPS, a 100 µs period 12 %, this period nothing measurable; timer interrupts
+/// are expensive in a virtual machine. A single-shot timeout would not do: one that fires
+/// between two waits only posts a completion, and the next wait would have no bound.
 const OWNER_WAIT_BOUND: Duration = Duration::from_millis(1);
+
+/// Multishot timeouts came with Linux 6.4; before, the owner wakes for every completion.
+const MULTISHOT_TIMEOUT_KERNEL: (u32, u32) = (6, 4);
 
 /// `user_data` of the timeout request of [`OWNER_WAIT_BOUND`]; never a slot index.
 const TIMER_TOKEN: u64 = u64::MAX - 2;
+
+/// `user_data` of the request that removes it; never a slot index.
+const TIMER_REMOVE_TOKEN: u64 = u64::MAX - 3;
+
+/// Whether the running kernel's version is at least `(major, minor)`, from `uname`.
+fn kernel_at_least((major, minor): (u32, u32)) -> bool {
+    // SAFETY: `utsname` is plain data, for which all zeroes is a valid value.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uname` fills the structure it is given, which is live and writable.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return false;
+    }
+    // SAFETY: `uname` stores a NUL-terminated string in `release`.
+    let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) };
+    release_at_least(&release.to_string_lossy(), (major, minor))
+}
+
+/// Whether a kernel release string such as `6.18.0-1-amd64` is at least `(major, minor)`.
+fn release_at_least(release: &str, wanted: (u32, u32)) -> bool {
+    let mut numbers = release.split('.').map(|part| {
+        part.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+    });
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= wanted,
+        _ => false,
+    }
+}
 
 /// The shortest poll window of the owner: halving a window below this stops polling (see
 /// [`adapt_poll_window`]).
@@ -136,9 +172,10 @@ pub enum Completions {
     ///   eventfd polled in the ring; they make progress only while the owner runs
     ///   `block_on` (possibly on a future that only waits for the program to stop).
     /// - With eight or more requests in flight the owner sleeps until a quarter of them
-    ///   have completed, or at most about 1 ms (a timeout request kept armed while it
-    ///   waits for such batches), so a completed request, or a wake-up from another thread,
-    ///   may wait that long for the rest of its batch.
+    ///   have completed, or at most about 1 ms (a multishot timeout request, armed from the
+    ///   first such wait until nothing is in flight), so a completed request, or a wake-up
+    ///   from another thread, may wait that long for the rest of its batch. Before Linux 6.4
+    ///   (no multishot timeouts) it wakes for every completion.
     /// - With [`completion_spin`](crate::BlockDeviceOptions::completion_spin), while
     ///   requests are in flight the owner polls the ring's task-run flag before it sleeps,
     ///   for an adaptive window of up to that long: the whole of it after a completion that
@@ -345,8 +382,12 @@ struct OwnerState {
     rearm: AtomicBool,
     /// The eventfd poll fired: drain the counter.
     event: AtomicBool,
-    /// The [`OWNER_WAIT_BOUND`] timeout request is in flight.
+    /// The kernel has multishot timeouts, so the owner may wait for batches.
+    batching: AtomicBool,
+    /// The [`OWNER_WAIT_BOUND`] timeout request is in flight (until its last completion).
     timer_armed: AtomicBool,
+    /// Its removal was pushed and has not completed yet.
+    timer_removing: AtomicBool,
     /// How long the owner polls before it sleeps, in nanoseconds, at most `completion_spin`
     /// (see [`adapt_poll_window`]).
     poll_window: AtomicU64,
@@ -422,9 +463,18 @@ impl Shared {
             if token == WAKE_TOKEN {
                 continue;
             }
-            if token == TIMER_TOKEN {
+            if token == TIMER_TOKEN || token == TIMER_REMOVE_TOKEN {
                 if let Some(owner) = &self.owner {
-                    owner.timer_armed.store(false, Ordering::Relaxed);
+                    if token == TIMER_REMOVE_TOKEN {
+                        owner.timer_removing.store(false, Ordering::Relaxed);
+                    } else if !io_uring::cqueue::more(cqe.flags()) {
+                        // Its last completion: removed, or refused (a kernel without
+                        // multishot timeouts despite its version: stop batching).
+                        owner.timer_armed.store(false, Ordering::Relaxed);
+                        if cqe.result() == -libc::EINVAL {
+                            owner.batching.store(false, Ordering::Relaxed);
+                        }
+                    }
                 }
                 continue;
             }
@@ -588,30 +638,52 @@ impl Shared {
             // for each (fewer wake-ups of this thread: +15-20 % IOPS at queue depth 32), or
             // when the `OWNER_WAIT_BOUND` timeout fires. If polling found a completion, only
             // collect what is there.
-            let want = if caught {
+            let mut want = if caught || !owner.batching.load(Ordering::Relaxed) {
                 1
             } else {
                 (outstanding / OWNER_BATCH_DIVISOR).max(1)
             };
             if want > 1 && !owner.timer_armed.load(Ordering::Relaxed) {
                 let timeout = opcode::Timeout::new(&raw const owner.tick)
+                    .flags(types::TimeoutFlags::MULTISHOT)
                     .build()
                     .user_data(TIMER_TOKEN);
                 let table = self.table.lock();
                 // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
                 // points at `owner.tick`, which lives as long as `self` and which the kernel
                 // copies when this thread submits the entry, in the `io_uring_enter` below.
-                // One entry beyond the slots and the eventfd poll is kept free for it.
+                // Entries beyond the slots are kept free for it and its removal.
                 let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
                 drop(table);
-                // If the push failed (not expected), this wait is bounded by its count only
-                // and the next one tries again.
                 owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
+                if pushed.is_err() {
+                    // Not expected; without the bound, do not wait for a batch.
+                    want = 1;
+                }
+            } else if outstanding == 0
+                && owner.timer_armed.load(Ordering::Relaxed)
+                && !owner.timer_removing.load(Ordering::Relaxed)
+            {
+                // Idle: stop the timer, which would otherwise wake this thread every period.
+                let remove = opcode::TimeoutRemove::new(TIMER_TOKEN)
+                    .build()
+                    .user_data(TIMER_REMOVE_TOKEN);
+                let table = self.table.lock();
+                // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
+                // references no memory. An entry beyond the slots is kept free for it.
+                let pushed = unsafe { self.ring.submission_shared().push(&remove) };
+                drop(table);
+                // If the push failed (not expected), the next idle wait tries again.
+                owner
+                    .timer_removing
+                    .store(pushed.is_ok(), Ordering::Relaxed);
             }
             self.ring.submit_and_wait(want)
         };
         signal.parked.store(false, Ordering::SeqCst);
-        if let Some(start) = start.filter(|_| !caught) {
+        // Adapt to how long the completions took; not after a wait that another thread's
+        // wake-up ended.
+        if let Some(start) = start.filter(|_| !caught && !signal.woken.load(Ordering::SeqCst)) {
             let window = adapt_poll_window(window, start.elapsed(), self.spin);
             owner
                 .poll_window
@@ -675,8 +747,9 @@ impl Ring {
         completion_spin: Duration,
     ) -> Result<Self, RingError> {
         let owner_mode = completions == Completions::Owner;
-        // In owner mode, entries beyond the slots for the eventfd poll and the timeout.
-        let reserved = if owner_mode { 2 } else { 0 };
+        // In owner mode, entries beyond the slots for the eventfd poll, the timeout and its
+        // removal.
+        let reserved = if owner_mode { 3 } else { 0 };
         let mut builder = IoUring::builder();
         if owner_mode {
             // The ring is enabled by the thread that claims it, which becomes its single
@@ -710,8 +783,8 @@ impl Ring {
         ring.submitter()
             .register_files(&[fd])
             .map_err(RingError::Register)?;
-        // The kernel rounds the entries up to a power of two.
-        let slots = ring.params().sq_entries() - reserved;
+        // As many slots as asked for (the kernel rounds the queue up to a power of two).
+        let slots = entries.min(ring.params().sq_entries() - reserved);
         let owner = if owner_mode {
             // SAFETY: `eventfd` takes no pointers; a non-negative result is a new descriptor
             // that nothing else owns.
@@ -730,7 +803,9 @@ impl Ring {
                 enabled: AtomicBool::new(false),
                 rearm: AtomicBool::new(true),
                 event: AtomicBool::new(false),
+                batching: AtomicBool::new(kernel_at_least(MULTISHOT_TIMEOUT_KERNEL)),
                 timer_armed: AtomicBool::new(false),
+                timer_removing: AtomicBool::new(false),
                 poll_window: AtomicU64::new(0),
                 tick: types::Timespec::from(OWNER_WAIT_BOUND),
             })
@@ -1439,6 +1514,22 @@ mod tests {
         let rest = driver.block_on(reads.collect::<Vec<_>>());
         assert_eq!(rest.len(), 11);
         assert!(rest.iter().all(|(result, _)| matches!(result, Ok(0))));
+        // Idle, the owner's next wait removes the timeout, which would otherwise wake it
+        // every period.
+        let owner = ring.shared.owner.as_ref().unwrap();
+        assert!(owner.timer_armed.load(Ordering::Relaxed));
+        let (wake, woken) = futures::channel::oneshot::channel::<()>();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            wake.send(()).unwrap();
+        });
+        driver.block_on(woken).unwrap();
+        waker.join().unwrap();
+        assert!(
+            !owner.timer_armed.load(Ordering::Relaxed),
+            "the timeout is removed"
+        );
+        assert!(!owner.timer_removing.load(Ordering::Relaxed));
     }
 
     /// Writes `bytes` to the pipe after `delay`, on another thread.
@@ -1451,13 +1542,13 @@ mod tests {
     }
 
     /// The owner's polling at depth: the window grows to `completion_spin` after a
-    /// completion that came within it, a completion found while polling is collected at
-    /// once (with four reads in flight, not a quarter of them), and a slower completion
-    /// halves the window.
+    /// completion that came within it, completions found while polling are collected at
+    /// once (eight reads in flight, and no batched wait, which would arm the timeout), and
+    /// a slower completion halves the window.
     #[test]
     fn the_owner_polls_at_any_depth_within_an_adaptive_window() {
         let (read_end, write_end) = pipe();
-        let max = Duration::from_millis(200);
+        let max = Duration::from_millis(100);
         let ring = Ring::new(read_end.as_raw_fd(), 16, &[], Completions::Owner, max).unwrap();
         let driver = ring.driver().unwrap();
         let window = || {
@@ -1476,11 +1567,75 @@ mod tests {
         read_all(1, Duration::from_millis(10));
         assert_eq!(window(), max);
         // Polling catches the next completions: the window stays.
-        read_all(4, Duration::from_millis(10));
+        read_all(8, Duration::from_millis(10));
         assert_eq!(window(), max);
+        let owner = ring.shared.owner.as_ref().unwrap();
+        assert!(
+            !owner.timer_armed.load(Ordering::Relaxed),
+            "no batched wait"
+        );
         // Slower than the maximum: halved.
-        read_all(1, max + Duration::from_millis(100));
+        read_all(1, Duration::from_secs(1));
         assert_eq!(window(), max / 2);
+    }
+
+    /// A batch that completes by count, then more than a timer period in user space (where
+    /// a single-shot timeout would fire and only post a completion), then a wait for a batch
+    /// of which only one read completes: the multishot timeout must still end that wait.
+    #[test]
+    fn a_timer_that_fires_between_waits_still_bounds_the_next_one() {
+        let (read_end, write_end) = pipe();
+        let ring = owner_ring(&read_end);
+        let driver = ring.driver().unwrap();
+        // Data for five reads before anything is submitted: those five complete as they are
+        // submitted, so the first wait (for five) ends by count with its timeout armed.
+        nix::unistd::write(&write_end, &[1; 5]).unwrap();
+        let (go, gone) = mpsc::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            if gone.recv_timeout(Duration::from_secs(5)).is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+                nix::unistd::write(&write_end, &[2]).unwrap();
+            }
+            // The rest end at end of file (also the test's fallback).
+            let _ = released.recv_timeout(Duration::from_secs(5));
+        });
+        let mut reads: FuturesUnordered<_> = (0..20).map(|_| read_one(&ring)).collect();
+        let elapsed = driver.block_on(async {
+            for _ in 0..5 {
+                assert!(matches!(reads.next().await, Some((Ok(1), _))));
+            }
+            let owner = ring.shared.owner.as_ref().unwrap();
+            assert!(owner.timer_armed.load(Ordering::Relaxed));
+            // Fifteen in flight: the next wait is for a batch of three.
+            std::thread::sleep(5 * OWNER_WAIT_BOUND);
+            go.send(()).unwrap();
+            let start = Instant::now();
+            assert!(matches!(reads.next().await, Some((Ok(1), _))));
+            start.elapsed()
+        });
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "the read took {elapsed:?}: the wait for its batch was not bounded"
+        );
+        release.send(()).unwrap();
+        writer.join().unwrap();
+        let rest = driver.block_on(reads.collect::<Vec<_>>());
+        assert_eq!(rest.len(), 14);
+    }
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(release_at_least("6.18.0-1-amd64", (6, 4)));
+        assert!(release_at_least("6.4.0", (6, 4)));
+        assert!(release_at_least("7.0-rc1", (6, 4)));
+        assert!(!release_at_least("6.3.13-generic", (6, 4)));
+        assert!(!release_at_least("5.15.0", (6, 4)));
+        assert!(!release_at_least("garbage", (6, 4)));
+        assert!(
+            kernel_at_least((2, 6)),
+            "the running kernel is newer than 2.6"
+        );
     }
 
     /// Runs `ring`'s driver on a new thread until two pipe reads are in flight, then drops
