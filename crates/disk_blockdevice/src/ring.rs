@@ -587,7 +587,8 @@ impl Shared {
             let table = self.table.lock();
             // SAFETY: the table lock makes this the only `SubmissionQueue`; the poll
             // references no memory, only the eventfd, which the kernel holds a reference
-            // to. One entry beyond the slots is kept free for it (and one for the timeout).
+            // to. An entry beyond the slots is kept free for it (and two for the timeout and
+            // its removal).
             let pushed = unsafe { self.ring.submission_shared().push(&poll) };
             drop(table);
             if pushed.is_err() {
@@ -604,26 +605,10 @@ impl Shared {
         let polling = !self.spin.is_zero() && outstanding > 0;
         let start = polling.then(Instant::now);
         let window = Duration::from_nanos(owner.poll_window.load(Ordering::Relaxed));
-        let mut caught = false;
-        if let Some(start) = start.filter(|_| !window.is_zero()) {
-            // Submit, then poll for the completions' task work before sleeping.
-            let _ = self.ring.submit();
-            loop {
-                let table = self.table.lock();
-                // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
-                // flags are read.
-                let taskrun = unsafe { self.ring.submission_shared() }.taskrun();
-                // SAFETY: the table lock also makes this the only `CompletionQueue` (every
-                // reaper takes it); only its head and tail are read.
-                let completed = !unsafe { self.ring.completion_shared() }.is_empty();
-                caught = taskrun || completed;
-                drop(table);
-                if caught || signal.woken.load(Ordering::SeqCst) || start.elapsed() >= window {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-        }
+        let caught = match start {
+            Some(start) if !window.is_zero() => self.owner_poll(signal, start, window),
+            _ => false,
+        };
         signal.parked.store(true, Ordering::SeqCst);
         if signal.woken.load(Ordering::SeqCst) {
             signal.parked.store(false, Ordering::SeqCst);
@@ -638,46 +623,12 @@ impl Shared {
             // for each (fewer wake-ups of this thread: +15-20 % IOPS at queue depth 32), or
             // when the `OWNER_WAIT_BOUND` timeout fires. If polling found a completion, only
             // collect what is there.
-            let mut want = if caught || !owner.batching.load(Ordering::Relaxed) {
+            let want = if caught || !owner.batching.load(Ordering::Relaxed) {
                 1
             } else {
                 (outstanding / OWNER_BATCH_DIVISOR).max(1)
             };
-            if want > 1 && !owner.timer_armed.load(Ordering::Relaxed) {
-                let timeout = opcode::Timeout::new(&raw const owner.tick)
-                    .flags(types::TimeoutFlags::MULTISHOT)
-                    .build()
-                    .user_data(TIMER_TOKEN);
-                let table = self.table.lock();
-                // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
-                // points at `owner.tick`, which lives as long as `self` and which the kernel
-                // copies when this thread submits the entry, in the `io_uring_enter` below.
-                // Entries beyond the slots are kept free for it and its removal.
-                let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
-                drop(table);
-                owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
-                if pushed.is_err() {
-                    // Not expected; without the bound, do not wait for a batch.
-                    want = 1;
-                }
-            } else if outstanding == 0
-                && owner.timer_armed.load(Ordering::Relaxed)
-                && !owner.timer_removing.load(Ordering::Relaxed)
-            {
-                // Idle: stop the timer, which would otherwise wake this thread every period.
-                let remove = opcode::TimeoutRemove::new(TIMER_TOKEN)
-                    .build()
-                    .user_data(TIMER_REMOVE_TOKEN);
-                let table = self.table.lock();
-                // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
-                // references no memory. An entry beyond the slots is kept free for it.
-                let pushed = unsafe { self.ring.submission_shared().push(&remove) };
-                drop(table);
-                // If the push failed (not expected), the next idle wait tries again.
-                owner
-                    .timer_removing
-                    .store(pushed.is_ok(), Ordering::Relaxed);
-            }
+            let want = self.owner_timer(owner, outstanding, want);
             self.ring.submit_and_wait(want)
         };
         signal.parked.store(false, Ordering::SeqCst);
@@ -706,6 +657,72 @@ impl Shared {
                     count.len(),
                 )
             };
+        }
+    }
+
+    /// Arms the [`OWNER_WAIT_BOUND`] timeout before the owner waits for a batch (`want` >
+    /// 1), or removes it when nothing is in flight. Returns the count to wait for: `want`,
+    /// or 1 if the timeout could not be armed.
+    fn owner_timer(&self, owner: &OwnerState, outstanding: usize, want: usize) -> usize {
+        if want > 1 && !owner.timer_armed.load(Ordering::Relaxed) {
+            let timeout = opcode::Timeout::new(&raw const owner.tick)
+                .flags(types::TimeoutFlags::MULTISHOT)
+                .build()
+                .user_data(TIMER_TOKEN);
+            let table = self.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry points
+            // at `owner.tick`, which lives as long as `self` and which the kernel copies when
+            // the owner submits the entry, in its next `io_uring_enter`. Entries beyond the
+            // slots are kept free for it and its removal.
+            let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
+            drop(table);
+            owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
+            if pushed.is_err() {
+                // Not expected; without the bound, do not wait for a batch.
+                return 1;
+            }
+        } else if outstanding == 0
+            && owner.timer_armed.load(Ordering::Relaxed)
+            && !owner.timer_removing.load(Ordering::Relaxed)
+        {
+            // Idle: stop the timer, which would otherwise wake the owner every period.
+            let remove = opcode::TimeoutRemove::new(TIMER_TOKEN)
+                .build()
+                .user_data(TIMER_REMOVE_TOKEN);
+            let table = self.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
+            // references no memory. An entry beyond the slots is kept free for it.
+            let pushed = unsafe { self.ring.submission_shared().push(&remove) };
+            drop(table);
+            // If the push failed (not expected), the next idle wait tries again.
+            owner
+                .timer_removing
+                .store(pushed.is_ok(), Ordering::Relaxed);
+        }
+        want
+    }
+
+    /// Polls for the completions' task work, after submitting what is queued, until one is
+    /// there, another thread wakes the owner, or `window` has passed since `start`. Returns
+    /// whether a completion was found.
+    fn owner_poll(&self, signal: &Signal, start: Instant, window: Duration) -> bool {
+        let _ = self.ring.submit();
+        loop {
+            let table = self.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; only its flags
+            // are read.
+            let taskrun = unsafe { self.ring.submission_shared() }.taskrun();
+            // SAFETY: the table lock also makes this the only `CompletionQueue` (every
+            // reaper takes it); only its head and tail are read.
+            let completed = !unsafe { self.ring.completion_shared() }.is_empty();
+            drop(table);
+            if taskrun || completed {
+                return true;
+            }
+            if signal.woken.load(Ordering::SeqCst) || start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
