@@ -360,6 +360,15 @@ impl BlockDeviceDisk {
         }
     }
 
+    /// Runs a range ioctl (`BLKDISCARD`, `BLKZEROOUT`) on the device, on the blocking pool:
+    /// the kernel does the work before it returns.
+    async fn device_range(&self, request: u64, offset: u64, len: u64) -> Result<(), DiskError> {
+        let file = self.file.clone();
+        blocking::unblock(move || sys::device_range(&file, request, offset, len))
+            .await
+            .map_err(sys::disk_error)
+    }
+
     /// Writes zeros to `count` sectors from `sector`, with `BLKZEROOUT` on a device and
     /// `FALLOC_FL_ZERO_RANGE` on a file (or plain writes of zeros where the file system
     /// lacks it). Unlike [`unmap`](DiskIo::unmap), the sectors are guaranteed to read as
@@ -375,12 +384,7 @@ impl BlockDeviceDisk {
         let offset = self.byte_offset(sector);
         let len = self.byte_offset(count);
         match self.kind {
-            Kind::Device => {
-                let file = self.file.clone();
-                blocking::unblock(move || sys::device_range(&file, sys::BLKZEROOUT, offset, len))
-                    .await
-                    .map_err(sys::disk_error)
-            }
+            Kind::Device => self.device_range(sys::BLKZEROOUT, offset, len).await,
             Kind::File => {
                 let op = Op::Fallocate {
                     offset,
@@ -628,12 +632,7 @@ impl DiskIo for BlockDeviceDisk {
         let offset = self.byte_offset(sector);
         let len = self.byte_offset(count);
         match self.kind {
-            Kind::Device => {
-                let file = self.file.clone();
-                blocking::unblock(move || sys::device_range(&file, sys::BLKDISCARD, offset, len))
-                    .await
-                    .map_err(sys::disk_error)
-            }
+            Kind::Device => self.device_range(sys::BLKDISCARD, offset, len).await,
             Kind::File => {
                 self.command(Op::Fallocate {
                     offset,

@@ -585,10 +585,9 @@ impl Shared {
                     .build()
                     .user_data(EVENT_TOKEN);
             let table = self.table.lock();
+            // An entry beyond the slots is kept free for the poll (two more for the timeout).
             // SAFETY: the table lock makes this the only `SubmissionQueue`; the poll
-            // references no memory, only the eventfd, which the kernel holds a reference
-            // to. An entry beyond the slots is kept free for it (and two for the timeout and
-            // its removal).
+            // references no memory, only the eventfd, which the kernel holds a reference to.
             let pushed = unsafe { self.ring.submission_shared().push(&poll) };
             drop(table);
             if pushed.is_err() {
@@ -670,10 +669,9 @@ impl Shared {
                 .build()
                 .user_data(TIMER_TOKEN);
             let table = self.table.lock();
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry points
-            // at `owner.tick`, which lives as long as `self` and which the kernel copies when
-            // the owner submits the entry, in its next `io_uring_enter`. Entries beyond the
-            // slots are kept free for it and its removal.
+            // Entries beyond the slots are kept free for the timeout and its removal.
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; the kernel copies
+            // `owner.tick` (alive as long as `self`) when the owner submits the entry.
             let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
             drop(table);
             owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);

@@ -199,16 +199,22 @@ fn reads_complete_under_block_on(l: LoopDisk) -> bool {
         .is_ok()
 }
 
-#[test]
-fn a_completion_thread_takes_over_when_the_runtime_shuts_down() {
+/// A current-thread runtime, and a loop disk in tokio mode whose completion task is on it.
+fn loop_disk_on_a_current_thread_runtime() -> Option<(tokio::runtime::Runtime, LoopDisk)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .unwrap();
-    let Some(l) = ({
+    let disk = {
         let _context = runtime.enter();
         LoopDisk::new(8 * MIB, &["--direct-io=on"], &tokio_options())
-    }) else {
+    }?;
+    Some((runtime, disk))
+}
+
+#[test]
+fn a_completion_thread_takes_over_when_the_runtime_shuts_down() {
+    let Some((runtime, l)) = loop_disk_on_a_current_thread_runtime() else {
         return;
     };
     // Requests completed by the runtime's task while it runs.
@@ -228,14 +234,7 @@ fn a_completion_thread_takes_over_when_the_runtime_shuts_down() {
 
 #[test]
 fn a_runtime_that_never_ran_hands_over_too() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
-    let Some(l) = ({
-        let _context = runtime.enter();
-        LoopDisk::new(8 * MIB, &["--direct-io=on"], &tokio_options())
-    }) else {
+    let Some((runtime, l)) = loop_disk_on_a_current_thread_runtime() else {
         return;
     };
     // The completion task was spawned but never polled; dropping it must still start a
