@@ -3,7 +3,7 @@
 use crate::pr::PersistentReservation;
 use crate::{DiskError, DiskIo, InvalidDisk, UnmapBehavior};
 use futures::future::{Either, Ready, ready};
-use request_buffers::RequestBuffers;
+use request_buffers::{GuestMemory, RequestBuffers};
 use stackfuture::StackFuture;
 use std::future::Future;
 use std::pin::Pin;
@@ -36,6 +36,7 @@ trait DynDisk: Send + Sync {
     fn unmap(&self, sector: u64, count: u64, block_level_only: bool) -> IoFuture<'_>;
     fn eject(&self) -> BoxFuture<'_, Result<(), DiskError>>;
     fn wait_resize(&self, sector_count: u64) -> BoxFuture<'_, u64>;
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError>;
 }
 
 impl<T: DiskIo> DynDisk for T {
@@ -78,6 +79,10 @@ impl<T: DiskIo> DynDisk for T {
 
     fn wait_resize(&self, sector_count: u64) -> BoxFuture<'_, u64> {
         Box::pin(DiskIo::wait_resize(self, sector_count))
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        DiskIo::register_memory(self, memory)
     }
 }
 
@@ -279,6 +284,12 @@ impl Disk {
     pub fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send + '_ {
         self.0.disk.wait_resize(sector_count)
     }
+
+    /// Tells the backend that requests' buffers will come from `memory`; see
+    /// [`DiskIo::register_memory`].
+    pub fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        self.0.disk.register_memory(memory)
+    }
 }
 
 /// A `Disk` is itself a `DiskIo`, so code generic over backends (the conformance suite, a
@@ -362,5 +373,9 @@ impl DiskIo for Disk {
 
     fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
         Disk::wait_resize(self, sector_count)
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        Disk::register_memory(self, memory)
     }
 }

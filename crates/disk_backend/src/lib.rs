@@ -27,6 +27,9 @@
 //! - [`unmap`](DiskIo::unmap) behaves as [`unmap_behavior`](DiskIo::unmap_behavior) says.
 //! - [`wait_resize`](DiskIo::wait_resize) completes when the sector count differs from the
 //!   count passed in; decorators forward it.
+//! - [`register_memory`](DiskIo::register_memory) is a hint that requests' buffers will come
+//!   from the given guest memory; decorators forward it, backends may prepare the memory for
+//!   zero-copy I/O, and a failure never stops the disk.
 //! - A failed request leaves no state a later read could mistake for a completed one beyond
 //!   what the medium semantics allow (sectors of a failed write may hold old or new data).
 //!
@@ -80,6 +83,7 @@ pub mod sync_wrapper;
 
 pub use disk::{Disk, INLINE_FUTURE_SIZE};
 pub use error::{DiskError, InvalidDisk, MediumErrorDetails};
+pub use request_buffers::GuestMemory;
 
 use request_buffers::RequestBuffers;
 use std::future::Future;
@@ -176,11 +180,26 @@ pub trait DiskIo: 'static + Send + Sync {
         let _ = sector_count;
         std::future::pending()
     }
+
+    /// Tells the backend that requests' buffers will come from `memory` (a frontend calls it
+    /// when it gets guest memory, such as a virtio device's activation), so that it can
+    /// prepare that memory for zero-copy I/O once instead of per request: a
+    /// `BlockDeviceDisk` opened with fixed buffers registers it with its io_uring. Replaces
+    /// an earlier call's memory; an empty [`GuestMemory`] forgets it.
+    ///
+    /// A hint: buffers from any other memory still work, and on error the disk works as
+    /// before (the error says why the memory could not be used). The default does nothing;
+    /// decorators forward it to the disks below ([`forward_disk_metadata!`] does).
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        let _ = memory;
+        Ok(())
+    }
 }
 
 /// Implements the [`DiskIo`] metadata methods that a decorator passes through unchanged
 /// (`sector_count`, `sector_size`, `disk_id`, `physical_sector_size`, `is_fua_respected`,
-/// `is_read_only`) by forwarding them to the expression `$inner`, written in terms of `self`.
+/// `is_read_only`), and [`register_memory`](DiskIo::register_memory), by forwarding them to
+/// the expression `$inner`, written in terms of `self`.
 /// Use it inside `impl DiskIo for ...`, and write the methods the decorator changes by hand.
 ///
 /// ```
@@ -236,6 +255,13 @@ macro_rules! forward_disk_metadata {
 
         fn is_read_only(&$self) -> bool {
             $crate::DiskIo::is_read_only(&$self.$($inner)+)
+        }
+
+        fn register_memory(
+            &$self,
+            memory: &$crate::GuestMemory,
+        ) -> Result<(), $crate::DiskError> {
+            $crate::DiskIo::register_memory(&$self.$($inner)+, memory)
         }
     };
 }
@@ -319,6 +345,10 @@ impl<T: DiskIo> DiskIo for std::sync::Arc<T> {
 
     fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
         (**self).wait_resize(sector_count)
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        (**self).register_memory(memory)
     }
 }
 

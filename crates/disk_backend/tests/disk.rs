@@ -223,3 +223,59 @@ fn futures_larger_than_the_inline_storage_are_boxed() {
         Err(DiskError::IllegalBlock)
     ));
 }
+
+/// A decorator that changes nothing, written with `forward_disk_metadata!`.
+struct PassThrough(Arc<NullDisk>);
+
+impl disk_backend::DiskIo for PassThrough {
+    disk_backend::forward_disk_metadata!(self.0);
+
+    fn disk_type(&self) -> &str {
+        "pass-through"
+    }
+    async fn read_vectored(
+        &self,
+        buffers: &request_buffers::RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
+        self.0.read_vectored(buffers, sector).await
+    }
+    async fn write_vectored(
+        &self,
+        buffers: &request_buffers::RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+    ) -> Result<(), DiskError> {
+        self.0.write_vectored(buffers, sector, fua).await
+    }
+    async fn sync_cache(&self) -> Result<(), DiskError> {
+        self.0.sync_cache().await
+    }
+    async fn unmap(
+        &self,
+        sector: u64,
+        count: u64,
+        block_level_only: bool,
+    ) -> Result<(), DiskError> {
+        self.0.unmap(sector, count, block_level_only).await
+    }
+    fn unmap_behavior(&self) -> disk_backend::UnmapBehavior {
+        self.0.unmap_behavior()
+    }
+}
+
+/// `register_memory` reaches the backend through `Disk`, `Arc` and a decorator written with
+/// `forward_disk_metadata!`, however deep.
+#[test]
+fn register_memory_reaches_the_backend_through_every_wrapper() {
+    let backend = Arc::new(NullDisk::new(8));
+    let memory = disk_backend::GuestMemory::allocate(4096);
+    let inner = Disk::new(backend.clone()).unwrap();
+    inner.register_memory(&memory).unwrap();
+    assert_eq!(backend.registrations.load(Ordering::Relaxed), 1);
+    let outer = Disk::new(PassThrough(backend.clone())).unwrap();
+    let outermost = Disk::new(outer.clone()).unwrap();
+    outermost.register_memory(&memory).unwrap();
+    disk_backend::DiskIo::register_memory(&outer, &memory).unwrap();
+    assert_eq!(backend.registrations.load(Ordering::Relaxed), 3);
+}

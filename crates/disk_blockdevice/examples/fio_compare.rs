@@ -7,12 +7,17 @@
 //! queue depth 1 and 32, 1 MiB sequential read and write at depth 8, all `O_DIRECT`)
 //! alternates fio and each of our engines `--reps` times, then prints IOPS per run, and the
 //! medians of IOPS, bandwidth, mean and p99 latency and CPU time per request (user and
-//! system: fio's job process, our whole process), and the ratio of each pair (ours / fio). Our
-//! engines: the default options driven by `futures::executor::block_on` (what an executor
-//! without a reactor gets, such as the `LocalPool` of `virtio_block`), `Completions::Tokio`
-//! on a tokio current-thread runtime, `Completions::Owner` driven by the
-//! disk's own `OwnerDriver`, the owner mode with `completion_spin` (adaptive polling), and
-//! at queue depth 1 the default with `completion_spin`. `--engine` and `--workload` keep only the engines and workloads whose
+//! system: fio's job process, our whole process), and the ratio of each pair (ours / plain
+//! fio, whose defaults are the reference; fio with `--fixedbufs --registerfiles` runs
+//! too, for comparison). Our engines: the default options driven by
+//! `futures::executor::block_on` (what an executor without a reactor gets, such as the
+//! `LocalPool` of `virtio_block`), the same with fixed buffers (the requests' memory
+//! registered with `register_fixed_buffers`), `Completions::Tokio` on a tokio current-thread
+//! runtime, `Completions::Owner` driven by the disk's own `OwnerDriver` without and with
+//! fixed buffers, the owner mode with `completion_spin` (adaptive polling) without and with
+//! fixed buffers, and at queue depth 1 the default with `completion_spin`. All requests' buffers
+//! live in one guest memory, a page-aligned run of pages per request in flight.
+//! `--engine` and `--workload` keep only the engines and workloads whose
 //! names contain the text, or one of its `|`-separated parts (for profiling; without fio the
 //! ratios are to the first engine kept). Not part of CI: the figures depend on the machine.
 
@@ -22,7 +27,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use nix::sys::resource::{UsageWho, getrusage};
 use rand::{Rng, SeedableRng};
-use request_buffers::OwnedRequestBuffers;
+use request_buffers::{GuestMemory, PagedRange, RequestBuffers};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -172,9 +177,21 @@ fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn run_fio(device: &Path, workload: &Workload, runtime: u64) -> Result<Figures, String> {
+/// One fio run; `fixed` adds `--fixedbufs --registerfiles` (fio's buffers registered with
+/// its ring, as our fixed buffers are).
+fn run_fio(
+    device: &Path,
+    workload: &Workload,
+    runtime: u64,
+    fixed: bool,
+) -> Result<Figures, String> {
     let output = Command::new("fio")
         .arg("--name=compare")
+        .args(if fixed {
+            &["--fixedbufs", "--registerfiles"][..]
+        } else {
+            &[]
+        })
         .arg(format!("--filename={}", device.display()))
         .args([
             "--ioengine=io_uring",
@@ -222,17 +239,18 @@ fn run_fio(device: &Path, workload: &Workload, runtime: u64) -> Result<Figures, 
 /// the time until the executor first polls it.
 async fn one_request(
     disk: &Disk,
-    buffer: &OwnedRequestBuffers,
+    memory: &GuestMemory,
+    buffer: PagedRange<'_>,
     slot: usize,
     sector: u64,
     write: bool,
     issued: Instant,
 ) -> (usize, Instant) {
+    let buffers = RequestBuffers::new(memory, buffer, !write);
     let result = if write {
-        disk.write_vectored(&buffer.buffers(false), sector, false)
-            .await
+        disk.write_vectored(&buffers, sector, false).await
     } else {
-        disk.read_vectored(&buffer.buffers(true), sector).await
+        disk.read_vectored(&buffers, sector).await
     };
     if let Err(e) = result {
         panic!("request at sector {sector} failed: {e}");
@@ -254,16 +272,28 @@ enum Executor<'a> {
     Owner(&'a OwnerDriver),
 }
 
-fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u64) -> Figures {
+/// Runs `workload` on `disk` with request buffers in `memory` (consecutive pages, one run of
+/// `block_size` bytes per request in flight), which must be large enough.
+fn run_ours(
+    disk: &Disk,
+    executor: Executor<'_>,
+    memory: &GuestMemory,
+    workload: &Workload,
+    runtime: u64,
+) -> Figures {
     let sector_size = disk.sector_size() as u64;
     let sectors_per_request = workload.block_size as u64 / sector_size;
     let positions = disk.sector_count() / sectors_per_request;
-    let buffers: Vec<OwnedRequestBuffers> = (0..workload.queue_depth)
-        .map(|_| {
-            let b = OwnedRequestBuffers::new(workload.block_size);
-            b.copy_from_slice(&vec![0x5a; workload.block_size]);
-            b
-        })
+    let pages = workload.block_size.div_ceil(guestmem::PAGE_SIZE);
+    memory
+        .fill_at(0, 0x5a, workload.queue_depth * workload.block_size)
+        .expect("the benchmark's memory holds every request's buffer");
+    let page_numbers: Vec<Vec<u64>> = (0..workload.queue_depth)
+        .map(|slot| (0..pages).map(|p| (slot * pages + p) as u64).collect())
+        .collect();
+    let buffers: Vec<PagedRange<'_>> = page_numbers
+        .iter()
+        .map(|gpns| PagedRange::new(0, workload.block_size, gpns).expect("whole pages"))
         .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut next_sequential = 0u64;
@@ -286,7 +316,8 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
         for (slot, buffer) in buffers.iter().enumerate() {
             in_flight.push(one_request(
                 disk,
-                buffer,
+                memory,
+                *buffer,
                 slot,
                 next_sector(),
                 workload.write,
@@ -299,7 +330,8 @@ fn run_ours(disk: &Disk, executor: Executor<'_>, workload: &Workload, runtime: u
             if now < end {
                 in_flight.push(one_request(
                     disk,
-                    &buffers[slot],
+                    memory,
+                    buffers[slot],
                     slot,
                     next_sector(),
                     workload.write,
@@ -378,6 +410,13 @@ fn format_runs(runs: &[Figures], value: impl Fn(&Figures) -> f64, scale: f64) ->
 /// requests in flight) and the owner's adaptive polling (every workload).
 const SPIN: Duration = Duration::from_micros(50);
 
+/// What one row of the comparison runs.
+#[derive(Clone, Copy)]
+enum Engine<'a, 'b> {
+    Fio { fixed: bool },
+    Ours(&'b Ours<'a>),
+}
+
 /// One engine of ours: a disk and how its futures are driven.
 struct Ours<'a> {
     disk: Disk,
@@ -386,7 +425,23 @@ struct Ours<'a> {
 
 fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
     let device = LoopDevice::new(dir, options.size_mib << 20)?;
-    let open = |completion_spin, completions| -> Result<Disk, String> {
+    // The "guest memory" every engine's requests use: room for the largest workload.
+    let memory = GuestMemory::allocate(
+        WORKLOADS
+            .iter()
+            .map(|w| w.queue_depth * w.block_size)
+            .max()
+            .unwrap_or(0),
+    );
+    let register = |backend: &BlockDeviceDisk, fixed: bool| -> Result<(), String> {
+        if fixed {
+            backend
+                .register_fixed_buffers(&memory)
+                .map_err(|e| format!("register_fixed_buffers: {e}"))?;
+        }
+        Ok(())
+    };
+    let open = |completion_spin, completions, fixed| -> Result<Disk, String> {
         let backend = BlockDeviceDisk::open(
             &device.path,
             &BlockDeviceOptions {
@@ -396,20 +451,22 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             },
         )
         .map_err(|e| format!("open {}: {e}", device.path.display()))?;
+        register(&backend, fixed)?;
         Disk::new(backend).map_err(|e| e.to_string())
     };
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let thread_disk = open(Duration::ZERO, Completions::Thread)?;
-    let spinning = open(SPIN, Completions::Thread)?;
+    let thread_disk = open(Duration::ZERO, Completions::Thread, false)?;
+    let thread_fixed = open(Duration::ZERO, Completions::Thread, true)?;
+    let spinning = open(SPIN, Completions::Thread, false)?;
     let tokio_disk = {
         let _context = tokio.enter();
-        open(Duration::ZERO, Completions::Tokio)?
+        open(Duration::ZERO, Completions::Tokio, false)?
     };
     // `Completions::Owner`: this thread owns the rings and drives their futures.
-    let open_owner = |completion_spin| -> Result<(Disk, OwnerDriver), String> {
+    let open_owner = |completion_spin, fixed| -> Result<(Disk, OwnerDriver), String> {
         let backend = BlockDeviceDisk::open(
             &device.path,
             &BlockDeviceOptions {
@@ -420,10 +477,13 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         )
         .map_err(|e| format!("open {}: {e}", device.path.display()))?;
         let driver = backend.driver().map_err(|e| e.to_string())?;
+        register(&backend, fixed)?;
         Ok((Disk::new(backend).map_err(|e| e.to_string())?, driver))
     };
-    let (owner_disk, owner_driver) = open_owner(Duration::ZERO)?;
-    let (owner_spinning, owner_spinning_driver) = open_owner(SPIN)?;
+    let (owner_disk, owner_driver) = open_owner(Duration::ZERO, false)?;
+    let (owner_fixed, owner_fixed_driver) = open_owner(Duration::ZERO, true)?;
+    let (owner_spinning, owner_spinning_driver) = open_owner(SPIN, false)?;
+    let (owner_spinning_fixed, owner_spinning_fixed_driver) = open_owner(SPIN, true)?;
     let all: Vec<(&str, Ours<'_>)> = vec![
         (
             "ours (default), block_on",
@@ -440,10 +500,24 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             },
         ),
         (
+            "ours (default), fixed buffers, block_on",
+            Ours {
+                disk: thread_fixed,
+                executor: Executor::BlockOn,
+            },
+        ),
+        (
             "ours, owner mode, driver block_on",
             Ours {
                 disk: owner_disk,
                 executor: Executor::Owner(&owner_driver),
+            },
+        ),
+        (
+            "ours, owner mode, fixed buffers, driver block_on",
+            Ours {
+                disk: owner_fixed,
+                executor: Executor::Owner(&owner_fixed_driver),
             },
         ),
         (
@@ -458,6 +532,13 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             Ours {
                 disk: owner_spinning,
                 executor: Executor::Owner(&owner_spinning_driver),
+            },
+        ),
+        (
+            "ours, owner mode, fixed buffers, driver block_on, adaptive poll ≤ 50 µs",
+            Ours {
+                disk: owner_spinning_fixed,
+                executor: Executor::Owner(&owner_spinning_fixed_driver),
             },
         ),
     ];
@@ -487,12 +568,19 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         {
             continue;
         }
-        let mut engines: Vec<(&str, Option<&Ours<'_>>)> = vec![("fio", None)];
+        // The ratios are to plain fio (the first engine): the reference.
+        let mut engines: Vec<(&str, Engine<'_, '_>)> = vec![
+            ("fio", Engine::Fio { fixed: false }),
+            (
+                "fio --fixedbufs --registerfiles",
+                Engine::Fio { fixed: true },
+            ),
+        ];
         for (name, ours) in &all {
             if name.contains("spin") && workload.queue_depth != 1 {
                 continue;
             }
-            engines.push((name, Some(ours)));
+            engines.push((name, Engine::Ours(ours)));
         }
         engines.retain(|(name, _)| wanted(name));
         let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); engines.len()];
@@ -504,8 +592,16 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             }
             for i in order {
                 let figures = match engines[i].1 {
-                    None => run_fio(&device.path, workload, options.runtime)?,
-                    Some(ours) => run_ours(&ours.disk, ours.executor, workload, options.runtime),
+                    Engine::Fio { fixed } => {
+                        run_fio(&device.path, workload, options.runtime, fixed)?
+                    }
+                    Engine::Ours(ours) => run_ours(
+                        &ours.disk,
+                        ours.executor,
+                        &memory,
+                        workload,
+                        options.runtime,
+                    ),
                 };
                 runs[i].push(figures);
             }

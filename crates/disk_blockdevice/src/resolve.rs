@@ -1,5 +1,5 @@
-//! `blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N],
-//! [completions=thread|tokio])`.
+//! `blockdev(PATH, [ro], [buffered], [fixed_buffers], [queue_depth=N], [sector_size=BYTES],
+//! [spin_us=N], [completions=thread|tokio])`.
 
 use crate::{BlockDeviceDisk, BlockDeviceOptions, Completions};
 use disk_backend::Disk;
@@ -17,15 +17,17 @@ impl ResolveDisk for BlockDeviceResolver {
     }
 
     fn usage(&self) -> &str {
-        "blockdev(PATH, [ro], [buffered], [queue_depth=N], [sector_size=BYTES], [spin_us=N], [completions=thread|tokio]): a block device or file through io_uring, O_DIRECT unless buffered; completions reaped by a thread (default) or a task on the current tokio runtime"
+        "blockdev(PATH, [ro], [buffered], [fixed_buffers], [queue_depth=N], [sector_size=BYTES], [spin_us=N], [completions=thread|tokio]): a block device or file through io_uring, O_DIRECT unless buffered; fixed_buffers registers (and pins) the guest memory the frontend announces; completions reaped by a thread (default) or a task on the current tokio runtime"
     }
 
     fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
         let read_only = args.flag("ro");
         let buffered = args.flag("buffered");
+        let fixed_buffers = args.flag("fixed_buffers");
         let path = args.positional_text(ctx, "a device or file path")?;
         let read_only = read_only || args.flag("ro");
         let buffered = buffered || args.flag("buffered");
+        let fixed_buffers = fixed_buffers || args.flag("fixed_buffers");
         let defaults = BlockDeviceOptions::default();
         let queue_depth = args
             .named_u64(ctx, "queue_depth")?
@@ -72,6 +74,7 @@ impl ResolveDisk for BlockDeviceResolver {
             file_sector_size: to_u32(sector_size, "sector_size")?,
             completion_spin: Duration::from_micros(spin_us),
             completions,
+            fixed_buffers,
             ..defaults
         };
         let disk = BlockDeviceDisk::open(path, &options)
@@ -116,6 +119,12 @@ mod tests {
                 ))
                 .unwrap();
                 assert_eq!(disk.sector_count(), 2048);
+                // The flag makes `register_memory` register: a 1 MiB page-aligned buffer
+                // over a region of 256 pages reads through a fixed buffer.
+                let disk = resolve(&format!("blockdev({path}, buffered, fixed_buffers)")).unwrap();
+                let buffer = request_buffers::OwnedRequestBuffers::new(1 << 20);
+                disk.register_memory(buffer.guest_memory()).unwrap();
+                futures::executor::block_on(disk.read_vectored(&buffer.buffers(true), 0)).unwrap();
                 #[cfg(feature = "tokio")]
                 {
                     let runtime = tokio::runtime::Builder::new_current_thread()

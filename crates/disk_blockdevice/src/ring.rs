@@ -25,9 +25,9 @@
 //! completion frees the buffers, so memory the kernel may still write is never freed or
 //! handed back early. Dropping the ring waits for every outstanding completion.
 
-use io_uring::{IoUring, Probe, opcode, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 use parking_lot::{Mutex, MutexGuard};
-use request_buffers::{BounceBuffer, IoBuffer, LockedIoBuffers};
+use request_buffers::{BounceBuffer, GuestMemory, IoBuffer, LockedIoBuffers};
 use smallvec::SmallVec;
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -198,6 +198,10 @@ pub(crate) const REQUIRED_OPCODES: &[(u8, &str)] = &[
     (opcode::Nop::CODE, "IORING_OP_NOP"),
 ];
 
+/// The largest buffer the kernel registers (`IORING_REGISTER_BUFFERS` refuses larger ones):
+/// guest memory regions are registered in pieces of at most this size.
+const FIXED_BUFFER_MAX: usize = 1 << 30;
+
 /// The opcode a disk over a regular file needs in addition (discard and write-zeroes).
 pub(crate) const FILE_OPCODES: &[(u8, &str)] = &[(opcode::Fallocate::CODE, "IORING_OP_FALLOCATE")];
 
@@ -240,6 +244,12 @@ pub enum RingError {
     /// Enabling the ring for its owner (`IORING_REGISTER_ENABLE_RINGS`) failed.
     #[error("cannot enable the ring for its owner")]
     Enable(#[source] io::Error),
+    /// [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers): the
+    /// kernel refused to register the memory (`ENOMEM`: over `RLIMIT_MEMLOCK` without
+    /// `CAP_IPC_LOCK`; `EFAULT`: memory it cannot pin for long, such as a shared mapping of
+    /// a file on a regular filesystem). The disk works as before, without fixed buffers.
+    #[error("cannot register guest memory with the ring")]
+    RegisterMemory(#[source] io::Error),
 }
 
 /// One operation on the ring's file (registered as fixed file 0).
@@ -253,6 +263,59 @@ pub(crate) enum Op {
     Fsync,
     /// `IORING_OP_FALLOCATE`.
     Fallocate { offset: u64, len: u64, mode: i32 },
+}
+
+impl Op {
+    /// The submission entry for this operation on the bytes of `iovecs`, which start `skip`
+    /// bytes into the request; `fixed` is the registered buffer holding all of them.
+    fn entry(self, iovecs: &[IoBuffer], skip: usize, fixed: Option<u16>) -> squeue::Entry {
+        let fd = types::Fixed(0);
+        let pointer = iovecs.as_ptr().cast::<libc::iovec>();
+        let count = iovecs.len() as u32;
+        match (self, fixed, iovecs) {
+            // One piece of registered memory: the plain fixed opcodes (Linux 5.1).
+            (Op::Read { offset }, Some(buffer), [one]) => {
+                opcode::ReadFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+                    .offset(offset + skip as u64)
+                    .build()
+            }
+            (Op::Read { offset }, Some(buffer), _) => {
+                opcode::ReadvFixed::new(fd, pointer, count, buffer)
+                    .offset(offset + skip as u64)
+                    .build()
+            }
+            (Op::Read { offset }, None, _) => opcode::Readv::new(fd, pointer, count)
+                .offset(offset + skip as u64)
+                .build(),
+            (Op::Write { offset, dsync }, Some(buffer), [one]) => {
+                opcode::WriteFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+                    .offset(offset + skip as u64)
+                    .rw_flags(dsync_flag(dsync))
+                    .build()
+            }
+            (Op::Write { offset, dsync }, Some(buffer), _) => {
+                opcode::WritevFixed::new(fd, pointer, count, buffer)
+                    .offset(offset + skip as u64)
+                    .rw_flags(dsync_flag(dsync))
+                    .build()
+            }
+            (Op::Write { offset, dsync }, None, _) => opcode::Writev::new(fd, pointer, count)
+                .offset(offset + skip as u64)
+                .rw_flags(dsync_flag(dsync))
+                .build(),
+            (Op::Fsync, ..) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            (Op::Fallocate { offset, len, mode }, ..) => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
+        }
+    }
+}
+
+fn dsync_flag(dsync: bool) -> i32 {
+    if dsync { libc::RWF_DSYNC } else { 0 }
 }
 
 /// Memory a request lends the kernel: it lives in the request's slot while the kernel may
@@ -329,9 +392,65 @@ struct Slot {
     iovecs: Vec<IoBuffer>,
 }
 
+/// Figures of a disk's fixed buffers; see
+/// [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FixedBufferStats {
+    /// Bytes of guest memory registered with the ring now (0: none, or registration failed).
+    pub registered_bytes: u64,
+    /// Read and write requests (or continuations of short transfers) submitted with a
+    /// fixed buffer since the disk was opened.
+    pub requests: u64,
+}
+
+/// Guest memory registered with the ring (`IORING_REGISTER_BUFFERS`): a request whose
+/// buffers all lie in one registered piece names it (`IORING_OP_READ_FIXED` and friends),
+/// and the kernel skips pinning and unpinning its pages.
+#[derive(Debug, Default)]
+struct FixedBuffers {
+    /// The host address ranges `start..end` of the registered buffers, sorted and
+    /// non-overlapping; a buffer's index in the ring is its position here.
+    ranges: Vec<(usize, usize)>,
+    /// The kernel has `IORING_OP_READV_FIXED` and `IORING_OP_WRITEV_FIXED` (Linux 6.15), so
+    /// requests of several pieces can use fixed buffers too.
+    vectored: bool,
+    /// Keeps the registered memory mapped while the kernel may use it.
+    memory: Option<GuestMemory>,
+    /// Requests submitted with a fixed buffer.
+    requests: u64,
+}
+
+impl FixedBuffers {
+    /// The index of the registered buffer that holds every byte of `iovecs`, if there is
+    /// one and the kernel can take that many pieces from it.
+    fn index_of(&self, iovecs: &[IoBuffer]) -> Option<u16> {
+        let first = iovecs.first()?;
+        if iovecs.len() > 1 && !self.vectored || u32::try_from(first.len()).is_err() {
+            return None;
+        }
+        let start = first.as_ptr() as usize;
+        let index = self.ranges.partition_point(|&(_, end)| end <= start);
+        let &(low, high) = self.ranges.get(index)?;
+        let inside = |buffer: &IoBuffer| {
+            let address = buffer.as_ptr() as usize;
+            address >= low
+                && address
+                    .checked_add(buffer.len())
+                    .is_some_and(|end| end <= high)
+        };
+        iovecs
+            .iter()
+            .all(inside)
+            .then(|| u16::try_from(index).ok())
+            .flatten()
+    }
+}
+
 #[derive(Debug)]
 struct Table {
     slots: Box<[Slot]>,
+    /// Registered guest memory.
+    fixed: FixedBuffers,
     free: Vec<u32>,
     /// Slots the kernel still owns (in flight or abandoned).
     outstanding: usize,
@@ -794,6 +913,11 @@ impl Ring {
                 return Err(RingError::MissingOpcode(name));
             }
         }
+        let fixed = FixedBuffers {
+            vectored: probe.is_supported(opcode::ReadvFixed::CODE)
+                && probe.is_supported(opcode::WritevFixed::CODE),
+            ..FixedBuffers::default()
+        };
         // A registered file saves the kernel a descriptor lookup and reference per request.
         ring.submitter()
             .register_files(&[fd])
@@ -836,6 +960,7 @@ impl Ring {
                 })
                 .collect(),
             free: (0..slots).rev().collect(),
+            fixed,
             outstanding: 0,
             waiting: VecDeque::new(),
         };
@@ -900,6 +1025,82 @@ impl Ring {
         })
     }
 
+    /// Registers the writable regions of `memory` with the ring as fixed buffers (in pieces
+    /// of at most 1 GiB), replacing any earlier registration; an empty `memory` just drops
+    /// it. See [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers).
+    pub(crate) fn register_memory(&self, memory: &GuestMemory) -> Result<(), RingError> {
+        let shared = &*self.shared;
+        if let Some(owner) = &shared.owner {
+            // With `SINGLE_ISSUER`, only the submitter may register once the ring is
+            // enabled (the kernel says `EEXIST`).
+            if owner.enabled.load(Ordering::SeqCst) && !shared.on_owner_thread() {
+                return Err(RingError::OwnedElsewhere);
+            }
+        }
+        let mut ranges = Vec::new();
+        for (_, host, writable) in memory.host_regions() {
+            // The kernel pins registered memory for writing; read-only regions stay out.
+            if !writable {
+                continue;
+            }
+            let (start, end) = (host.as_ptr() as usize, host.as_ptr() as usize + host.len());
+            ranges.extend(
+                (start..end)
+                    .step_by(FIXED_BUFFER_MAX)
+                    .map(|piece| (piece, end.min(piece + FIXED_BUFFER_MAX))),
+            );
+        }
+        ranges.sort_unstable();
+        let iovecs: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|&(start, end)| libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: end - start,
+            })
+            .collect();
+        let mut table = shared.table.lock();
+        if table.fixed.memory.is_some() {
+            // Entries queued but not submitted name buffers by index: let the kernel take
+            // them (and their buffers' references) before the indices change. A failure
+            // leaves them queued; they then fail with `EFAULT` unless their memory is still
+            // registered, never reach other memory.
+            if shared.owner.is_none() || shared.on_owner_thread() {
+                let _ = shared.ring.submit();
+            }
+            // Requests in flight keep their buffers registered in the kernel until they
+            // complete.
+            let _ = shared.ring.submitter().unregister_buffers();
+            table.fixed.ranges.clear();
+            table.fixed.memory = None;
+        }
+        if iovecs.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: each iovec is a piece of a region of `memory`, which stays mapped while
+        // registered: the table keeps a clone of it until the buffers are unregistered or
+        // the ring is closed. The kernel pins the pages itself; the guest may change them
+        // at any time, which the kernel tolerates like any user buffer.
+        unsafe { shared.ring.submitter().register_buffers(&iovecs) }
+            .map_err(RingError::RegisterMemory)?;
+        table.fixed.ranges = ranges;
+        table.fixed.memory = Some(memory.clone());
+        Ok(())
+    }
+
+    /// See [`BlockDeviceDisk::fixed_buffer_stats`](crate::BlockDeviceDisk::fixed_buffer_stats).
+    pub(crate) fn fixed_buffer_stats(&self) -> FixedBufferStats {
+        let table = self.shared.table.lock();
+        FixedBufferStats {
+            registered_bytes: table
+                .fixed
+                .ranges
+                .iter()
+                .map(|&(start, end)| (end - start) as u64)
+                .sum(),
+            requests: table.fixed.requests,
+        }
+    }
+
     /// Runs `op` with `owned` lending the memory of the bytes after the first `skip`.
     /// Resolves to the kernel's result (bytes transferred, or 0) and the memory.
     pub(crate) fn run(&self, op: Op, owned: Owned, skip: usize) -> Request<'_> {
@@ -930,28 +1131,15 @@ impl Ring {
             inline.wake();
             return Err(owned);
         };
-        let slot = &mut table.slots[index as usize];
+        let Table { slots, fixed, .. } = &mut *table;
+        let slot = &mut slots[index as usize];
         owned.iovecs(skip, &mut slot.iovecs);
-        let iovecs = slot.iovecs.as_ptr().cast::<libc::iovec>();
-        let iovec_count = slot.iovecs.len() as u32;
-        let fd = types::Fixed(0);
-        let entry = match op {
-            Op::Read { offset } => opcode::Readv::new(fd, iovecs, iovec_count)
-                .offset(offset + skip as u64)
-                .build(),
-            Op::Write { offset, dsync } => opcode::Writev::new(fd, iovecs, iovec_count)
-                .offset(offset + skip as u64)
-                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
-                .build(),
-            Op::Fsync => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            Op::Fallocate { offset, len, mode } => opcode::Fallocate::new(fd, len)
-                .offset(offset)
-                .mode(mode)
-                .build(),
-        }
-        .user_data(index as u64);
+        let buffer = match op {
+            Op::Read { .. } | Op::Write { .. } => fixed.index_of(&slot.iovecs),
+            Op::Fsync | Op::Fallocate { .. } => None,
+        };
+        fixed.requests += u64::from(buffer.is_some());
+        let entry = op.entry(&slot.iovecs, skip, buffer).user_data(index as u64);
         slot.owned = owned;
         slot.state = SlotState::InFlight(Some(waker.clone()));
         table.outstanding += 1;
@@ -1761,5 +1949,168 @@ mod tests {
         );
         assert!(shared.upgrade().is_none(), "nothing is leaked");
         writer.join().unwrap();
+    }
+
+    /// Host buffers at `address` of `len` bytes, for the pure lookups below (never
+    /// dereferenced).
+    fn at(address: usize, len: usize) -> IoBuffer {
+        IoBuffer::new(address as *mut u8, len)
+    }
+
+    #[test]
+    fn a_request_uses_the_registered_buffer_that_holds_all_of_it() {
+        let mut fixed = FixedBuffers {
+            ranges: vec![
+                (0x1000, 0x3000),
+                (0x5000, 0x6000),
+                (usize::MAX - 0xfff, usize::MAX),
+            ],
+            vectored: false,
+            ..FixedBuffers::default()
+        };
+        assert_eq!(fixed.index_of(&[]), None);
+        assert_eq!(
+            fixed.index_of(&[at(0x1000, 0x2000)]),
+            Some(0),
+            "exactly the buffer"
+        );
+        assert_eq!(fixed.index_of(&[at(0x2fff, 1)]), Some(0), "its last byte");
+        assert_eq!(fixed.index_of(&[at(0x2fff, 2)]), None, "one byte past");
+        assert_eq!(fixed.index_of(&[at(0xfff, 2)]), None, "one byte before");
+        assert_eq!(fixed.index_of(&[at(0x3000, 1)]), None, "between buffers");
+        assert_eq!(fixed.index_of(&[at(0x5800, 0x800)]), Some(1));
+        assert_eq!(
+            fixed.index_of(&[at(0x7000, 1)]),
+            None,
+            "past the last buffer"
+        );
+        assert_eq!(fixed.index_of(&[at(usize::MAX - 0x10, 0x10)]), Some(2));
+        assert_eq!(
+            fixed.index_of(&[at(usize::MAX - 0x10, 0x20)]),
+            None,
+            "overflow"
+        );
+        // Two pieces of one buffer need the vectored fixed opcodes.
+        let two = [at(0x2000, 0x800), at(0x1000, 0x800)];
+        assert_eq!(fixed.index_of(&two), None);
+        fixed.vectored = true;
+        assert_eq!(fixed.index_of(&two), Some(0));
+        assert_eq!(
+            fixed.index_of(&[at(0x2000, 0x800), at(0x5000, 0x800)]),
+            None
+        );
+        // `IORING_OP_READ_FIXED` takes a 32-bit length.
+        let huge = FixedBuffers {
+            ranges: vec![(0, usize::MAX)],
+            ..FixedBuffers::default()
+        };
+        assert_eq!(huge.index_of(&[at(0, u32::MAX as usize)]), Some(0));
+        assert_eq!(huge.index_of(&[at(0, u32::MAX as usize + 1)]), None);
+        assert_eq!(FixedBuffers::default().index_of(&[at(0x1000, 1)]), None);
+    }
+
+    #[test]
+    fn entries_name_the_fixed_buffer_with_the_fixed_opcodes() {
+        let one = [at(0x1000, 512)];
+        let two = [at(0x1000, 512), at(0x3000, 512)];
+        let read = Op::Read { offset: 4096 };
+        let write = Op::Write {
+            offset: 4096,
+            dsync: true,
+        };
+        let opcode = |op: Op, iovecs: &[IoBuffer], fixed| op.entry(iovecs, 0, fixed).get_opcode();
+        assert_eq!(
+            opcode(read, &one, Some(3)),
+            u32::from(opcode::ReadFixed::CODE)
+        );
+        assert_eq!(
+            opcode(read, &two, Some(3)),
+            u32::from(opcode::ReadvFixed::CODE)
+        );
+        assert_eq!(opcode(read, &one, None), u32::from(opcode::Readv::CODE));
+        assert_eq!(
+            opcode(write, &one, Some(3)),
+            u32::from(opcode::WriteFixed::CODE)
+        );
+        assert_eq!(
+            opcode(write, &two, Some(3)),
+            u32::from(opcode::WritevFixed::CODE)
+        );
+        assert_eq!(opcode(write, &two, None), u32::from(opcode::Writev::CODE));
+        assert_eq!(opcode(Op::Fsync, &[], None), u32::from(opcode::Fsync::CODE));
+    }
+
+    /// Guest memory of `pages` pages and request buffers over its first `len` bytes.
+    fn memory_and_lock(pages: usize, len: usize) -> (GuestMemory, LockedIoBuffers) {
+        let memory = GuestMemory::allocate(pages * guestmem::PAGE_SIZE);
+        let gpns: Vec<u64> = (0..pages as u64).collect();
+        let range = request_buffers::PagedRange::new(0, len, &gpns).unwrap();
+        let locked = request_buffers::RequestBuffers::new(&memory, range, true)
+            .lock(true)
+            .unwrap();
+        (memory, locked)
+    }
+
+    /// A read in flight into registered memory completes into that memory although the
+    /// registration changes meanwhile (the kernel keeps what a request uses), and requests
+    /// after the change use the new registration.
+    #[test]
+    fn a_read_in_flight_keeps_its_buffer_across_a_new_registration() {
+        let (read_end, write_end) = pipe();
+        let ring = Ring::new(
+            read_end.as_raw_fd(),
+            4,
+            &[],
+            Completions::Thread,
+            Duration::ZERO,
+        )
+        .expect("io_uring");
+        let (first, locked) = memory_and_lock(2, 3);
+        ring.register_memory(&first).unwrap();
+        assert_eq!(
+            ring.fixed_buffer_stats(),
+            FixedBufferStats {
+                registered_bytes: 2 * guestmem::PAGE_SIZE as u64,
+                requests: 0
+            }
+        );
+        let read = ring.run(Op::Read { offset: u64::MAX }, Owned::Locked(locked), 0);
+        let mut read = pin!(read);
+        let waker = Waker::noop();
+        assert!(
+            read.as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_pending()
+        );
+        assert_eq!(ring.fixed_buffer_stats().requests, 1);
+        let (second, _) = memory_and_lock(1, 1);
+        ring.register_memory(&second).unwrap();
+        assert_eq!(
+            ring.fixed_buffer_stats().registered_bytes,
+            guestmem::PAGE_SIZE as u64
+        );
+        nix::unistd::write(&write_end, &[7, 8, 9]).unwrap();
+        let (result, _) = futures::executor::block_on(read);
+        assert_eq!(result.unwrap(), 3);
+        let mut back = [0; 3];
+        first.read_at(0, &mut back).unwrap();
+        assert_eq!(back, [7, 8, 9]);
+        // The first memory is no longer registered: a read into it goes the plain way.
+        let gpns = [0u64];
+        let range = request_buffers::PagedRange::new(0, 1, &gpns).unwrap();
+        let locked = request_buffers::RequestBuffers::new(&first, range, true)
+            .lock(true)
+            .unwrap();
+        nix::unistd::write(&write_end, &[4]).unwrap();
+        let (result, _) = futures::executor::block_on(ring.run(
+            Op::Read { offset: u64::MAX },
+            Owned::Locked(locked),
+            0,
+        ));
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(ring.fixed_buffer_stats().requests, 1);
+        // An empty memory drops the registration.
+        ring.register_memory(&GuestMemory::empty()).unwrap();
+        assert_eq!(ring.fixed_buffer_stats().registered_bytes, 0);
     }
 }

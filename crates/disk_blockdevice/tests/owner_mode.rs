@@ -241,3 +241,42 @@ fn a_waker_from_another_thread_interrupts_the_wait() {
     assert!(woken);
     drop(backend);
 }
+
+/// Fixed buffers in owner mode: memory can be registered from any thread until the ring is
+/// claimed, then only by its owner; requests the owner drives use them.
+#[test]
+fn fixed_buffers_are_registered_by_the_owner() {
+    let (backend, _file) = file_disk();
+    let first = OwnedRequestBuffers::new(4096);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            backend
+                .register_fixed_buffers(first.guest_memory())
+                .unwrap()
+        });
+    });
+    let driver = backend.driver().expect("claim the ring");
+    let data = OwnedRequestBuffers::new(8192);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(matches!(
+                backend.register_fixed_buffers(data.guest_memory()),
+                Err(RingError::OwnedElsewhere)
+            ));
+        });
+    });
+    backend.register_fixed_buffers(data.guest_memory()).unwrap();
+    assert_eq!(backend.fixed_buffer_stats().registered_bytes, 8192);
+    let backend = Arc::new(backend);
+    let disk = Disk::new(backend.clone()).unwrap();
+    data.copy_from_slice(&[0x5c; 8192]);
+    driver
+        .block_on(disk.write_vectored(&data.buffers(false), 16, false))
+        .unwrap();
+    data.copy_from_slice(&[0; 8192]);
+    driver
+        .block_on(disk.read_vectored(&data.buffers(true), 16))
+        .unwrap();
+    assert_eq!(data.to_vec(), vec![0x5c; 8192]);
+    assert_eq!(backend.fixed_buffer_stats().requests, 2);
+}

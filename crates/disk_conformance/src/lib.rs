@@ -26,14 +26,19 @@
 //! });
 //! ```
 //!
+//! [`MemoryProbe`] is a disk for checking that decorators and frontends pass guest memory
+//! on ([`DiskIo::register_memory`]).
+//!
 //! The model test runs one fixed seed by default. `DISK_CONFORMANCE_SEED=N` replays seed `N`;
 //! `DISK_CONFORMANCE_SEEDS=K` runs `K` seeds (`cargo xtask stress K` does that in release).
 
 #![forbid(unsafe_code)]
 
 mod model;
+mod probe;
 
 pub use model::{FIXED_SEED, model, model_with_seed};
+pub use probe::MemoryProbe;
 
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 use futures::executor::block_on;

@@ -491,3 +491,17 @@ fn metadata_flush_pr_eject_and_resize_are_forwarded() {
         assert_eq!(disk.unmap_behavior(), behavior);
     }
 }
+
+/// Guest memory announced to the encrypted disk reaches the disk below (reads go straight
+/// into guest memory there), and a refusal comes back.
+#[test]
+fn register_memory_is_forwarded() {
+    let probe = Arc::new(disk_conformance::MemoryProbe::new(64));
+    let disk =
+        Disk::new(CryptDisk::new(Disk::new(probe.clone()).unwrap(), &key()).unwrap()).unwrap();
+    let memory = request_buffers::GuestMemory::allocate(4096);
+    disk.register_memory(&memory).unwrap();
+    assert!(probe.last_is(&memory));
+    probe.set_failing(true);
+    assert!(disk.register_memory(&memory).is_err());
+}

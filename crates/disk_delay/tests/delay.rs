@@ -155,3 +155,17 @@ fn huge_delays_saturate() {
     assert_eq!(delay.delay(), Duration::from_nanos(u64::MAX));
     assert_eq!(delay.inner().sector_count(), 8);
 }
+
+/// Guest memory announced to the delay disk reaches the disk below, at once.
+#[test]
+fn register_memory_is_forwarded() {
+    let probe = Arc::new(disk_conformance::MemoryProbe::new(64));
+    let disk = Disk::new(DelayDisk::new(
+        Disk::new(probe.clone()).unwrap(),
+        Duration::from_secs(3600),
+    ))
+    .unwrap();
+    let memory = request_buffers::GuestMemory::allocate(4096);
+    disk.register_memory(&memory).unwrap();
+    assert!(probe.last_is(&memory));
+}

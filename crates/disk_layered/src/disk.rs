@@ -3,7 +3,7 @@
 use crate::layer::{DiskLayer, DynLayer, LowerLayerMetadata};
 use crate::marker::{SectorBitmap, SectorMarker};
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
-use request_buffers::{MemoryWrite, RequestBuffers};
+use request_buffers::{GuestMemory, MemoryWrite, RequestBuffers};
 use smallvec::SmallVec;
 use thiserror::Error;
 
@@ -411,6 +411,14 @@ impl DiskIo for LayeredDisk {
 
     async fn wait_resize(&self, sector_count: u64) -> u64 {
         self.layers[0].io.wait_resize(sector_count).await
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        // Every layer gets the memory even if one fails; the first failure is reported.
+        self.layers
+            .iter()
+            .map(|layer| layer.io.register_memory(memory))
+            .fold(Ok(()), Result::and)
     }
 }
 

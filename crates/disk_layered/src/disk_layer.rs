@@ -2,7 +2,7 @@
 
 use crate::{LayerIo, SectorMarker};
 use disk_backend::{Disk, DiskError, UnmapBehavior};
-use request_buffers::RequestBuffers;
+use request_buffers::{GuestMemory, RequestBuffers};
 
 /// A layer that holds every sector: any [`Disk`] (a file, a block device, another layered
 /// disk) at the bottom of a stack, or in the middle of one.
@@ -96,5 +96,9 @@ impl LayerIo for DiskAsLayer {
 
     async fn wait_resize(&self, sector_count: u64) -> u64 {
         self.0.wait_resize(sector_count).await
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        self.0.register_memory(memory)
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::SectorMarker;
 use disk_backend::{DiskError, UnmapBehavior};
-use request_buffers::RequestBuffers;
+use request_buffers::{GuestMemory, RequestBuffers};
 use stackfuture::StackFuture;
 use std::convert::Infallible;
 use std::future::Future;
@@ -97,6 +97,14 @@ pub trait LayerIo: 'static + Send + Sync {
     fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
         let _ = sector_count;
         std::future::pending()
+    }
+
+    /// Requests' buffers will come from `memory`; see
+    /// [`DiskIo::register_memory`](disk_backend::DiskIo::register_memory). The default does
+    /// nothing.
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        let _ = memory;
+        Ok(())
     }
 }
 
@@ -221,6 +229,9 @@ impl<T: LayerIo> LayerIo for Arc<T> {
     fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
         (**self).wait_resize(sector_count)
     }
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        (**self).register_memory(memory)
+    }
 }
 
 /// Layer futures up to this size are stored inline; larger ones are boxed.
@@ -268,6 +279,7 @@ pub(crate) trait DynLayer: Send + Sync {
         next_is_zero: bool,
     ) -> LayerFuture<'_>;
     fn wait_resize(&self, sector_count: u64) -> BoxFuture<'_, u64>;
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError>;
 }
 
 impl<T: LayerIo> DynLayer for T {
@@ -352,6 +364,9 @@ impl<T: LayerIo> DynLayer for T {
     }
     fn wait_resize(&self, sector_count: u64) -> BoxFuture<'_, u64> {
         Box::pin(LayerIo::wait_resize(self, sector_count))
+    }
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        LayerIo::register_memory(self, memory)
     }
 }
 

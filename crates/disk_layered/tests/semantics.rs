@@ -361,3 +361,31 @@ fn fua_identity_and_resize() {
     assert_eq!(waiter.join().unwrap(), 24);
     assert_eq!(disk.sector_count(), 24);
 }
+
+/// Guest memory announced to the layered disk reaches every layer's disk, even after one of
+/// them refuses it; the first refusal is the result.
+#[test]
+fn register_memory_reaches_every_layer() {
+    let probes: Vec<Arc<disk_conformance::MemoryProbe>> = (0..3)
+        .map(|_| Arc::new(disk_conformance::MemoryProbe::new(64)))
+        .collect();
+    // Write-through down to the bottom layer (a write-through bottom layer is useless).
+    let layers = probes
+        .iter()
+        .enumerate()
+        .map(|(index, probe)| {
+            let layer = DiskAsLayer::new(Disk::new(probe.clone()).unwrap());
+            cfg(layer, index < probes.len() - 1, false)
+        })
+        .collect();
+    let disk = Disk::new(LayeredDisk::new(false, layers).unwrap()).unwrap();
+    let memory = request_buffers::GuestMemory::allocate(8192);
+    disk.register_memory(&memory).unwrap();
+    assert!(probes.iter().all(|probe| probe.last_is(&memory)));
+    probes[1].set_failing(true);
+    assert!(matches!(
+        disk.register_memory(&memory),
+        Err(DiskError::Io(_))
+    ));
+    assert!(probes.iter().all(|probe| probe.calls() == 2));
+}

@@ -284,6 +284,10 @@ impl DiskIo for InitiatorDisk {
     fn wait_resize(&self, sector_count: u64) -> impl Future<Output = u64> + Send {
         self.shared.inner.wait_resize(sector_count)
     }
+
+    fn register_memory(&self, memory: &disk_backend::GuestMemory) -> Result<(), DiskError> {
+        self.shared.inner.register_memory(memory)
+    }
 }
 
 #[async_trait::async_trait]

@@ -320,3 +320,14 @@ fn prwrap_specs() {
         assert!(err.contains(error), "{spec}: {err}");
     }
 }
+
+/// Guest memory announced to an initiator's disk reaches the shared disk below.
+#[test]
+fn register_memory_is_forwarded() {
+    let probe = std::sync::Arc::new(disk_conformance::MemoryProbe::new(64));
+    let shared = DiskWithReservations::new(Disk::new(probe.clone()).unwrap());
+    let disk = shared.initiator(InitiatorId::new(*b"a", 0));
+    let memory = request_buffers::GuestMemory::allocate(4096);
+    disk.register_memory(&memory).unwrap();
+    assert!(probe.last_is(&memory));
+}

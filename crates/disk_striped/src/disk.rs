@@ -4,7 +4,7 @@ use crate::error::{NewStripedDiskError, first_error, tag_member};
 use crate::layout::Layout;
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
 use futures::future::join_all;
-use request_buffers::RequestBuffers;
+use request_buffers::{GuestMemory, RequestBuffers};
 use smallvec::SmallVec;
 
 /// The chunk size when none is given: 128 KiB.
@@ -295,5 +295,15 @@ impl DiskIo for StripedDisk {
 
     fn optimal_unmap_sectors(&self) -> u32 {
         self.optimal_unmap_sectors
+    }
+
+    fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {
+        // Every member gets the memory even if one fails; the first failure is reported.
+        let results: SmallVec<[Result<(), DiskError>; 8]> = self
+            .members
+            .iter()
+            .map(|member| member.register_memory(memory))
+            .collect();
+        first_error(results.into_iter().enumerate())
     }
 }

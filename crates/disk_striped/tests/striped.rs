@@ -526,3 +526,24 @@ fn bad_guest_memory_in_a_later_chunk_writes_nothing() {
         assert!(back.to_vec().iter().all(|&b| b == 0));
     }
 }
+
+/// Guest memory announced to the striped disk reaches every member, even after one refuses
+/// it; the refusal names its member.
+#[test]
+fn register_memory_reaches_every_member() {
+    let probes: Vec<Arc<disk_conformance::MemoryProbe>> = (0..3)
+        .map(|_| Arc::new(disk_conformance::MemoryProbe::new(64)))
+        .collect();
+    let members = probes
+        .iter()
+        .map(|probe| Disk::new(probe.clone()).unwrap())
+        .collect();
+    let disk = Disk::new(StripedDisk::new(members, Some(4096), None).unwrap()).unwrap();
+    let memory = request_buffers::GuestMemory::allocate(8192);
+    disk.register_memory(&memory).unwrap();
+    assert!(probes.iter().all(|probe| probe.last_is(&memory)));
+    probes[1].set_failing(true);
+    let error = disk.register_memory(&memory).unwrap_err();
+    assert_eq!(failed_member(&error), Some(1));
+    assert!(probes.iter().all(|probe| probe.calls() == 2));
+}

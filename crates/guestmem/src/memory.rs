@@ -123,6 +123,21 @@ impl GuestMemory {
             .map(|r| (r.gpa, r.len, r.writable))
     }
 
+    /// The host memory of each region as `(guest physical address, host buffer, writable)`,
+    /// sorted by address: for registering all of guest RAM with the kernel once (io_uring
+    /// fixed buffers), so that later I/O can name it instead of having it pinned per
+    /// request. The buffers stay valid while a clone of this handle lives; never form Rust
+    /// references to them.
+    pub fn host_regions(&self) -> impl Iterator<Item = (u64, crate::IoBuffer, bool)> + '_ {
+        self.inner.regions.iter().map(|r| {
+            (
+                r.gpa,
+                crate::IoBuffer::new(r.host, r.len as usize),
+                r.writable,
+            )
+        })
+    }
+
     /// Checks that `gpa..gpa+len` is backed by guest memory (and writable if `write`).
     pub fn check_range(&self, gpa: u64, len: usize, write: bool) -> Result<(), AccessError> {
         self.walk(gpa, len, write, |_, _, _| {})
@@ -444,6 +459,28 @@ mod tests {
         let mut back = [0u8; 64];
         mem.read_at(PAGE_SIZE64 - 32, &mut back).unwrap();
         assert_eq!(&back[..], &data[..]);
+    }
+
+    #[test]
+    fn host_regions_are_what_lock_resolves_to() {
+        let mem = GuestMemory::builder()
+            .heap(0, 2 * PAGE_SIZE64)
+            .unwrap()
+            .anonymous(4 * PAGE_SIZE64, PAGE_SIZE64)
+            .unwrap()
+            .build()
+            .unwrap();
+        let regions: Vec<_> = mem.host_regions().collect();
+        assert_eq!(regions.len(), 2);
+        for (gpa, host, writable) in regions {
+            assert!(writable);
+            let gpns: Vec<u64> = (0..host.len() as u64 / PAGE_SIZE64)
+                .map(|p| gpa / PAGE_SIZE64 + p)
+                .collect();
+            let range = crate::PagedRange::new(0, host.len(), &gpns).unwrap();
+            assert_eq!(mem.lock(range, true).unwrap().io_buffers(), [host]);
+        }
+        assert_eq!(GuestMemory::empty().host_regions().count(), 0);
     }
 
     #[test]

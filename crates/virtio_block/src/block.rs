@@ -363,9 +363,15 @@ impl VirtioDevice for BlockDevice {
             Backend::Sync(backend) => {
                 Engine::Sync(SyncEngine::new(backend.clone(), ctx, capacity, queues))
             }
-            Backend::Disk(disk) => Engine::Disk(
-                DiskEngine::start(disk.clone(), ctx, queues).map_err(ActivateError::Thread)?,
-            ),
+            Backend::Disk(disk) => {
+                // Lets the backend prepare guest memory for zero-copy I/O (io_uring fixed
+                // buffers). Only a hint: on failure the disk serves requests as before, and
+                // activation must not fail for it.
+                let _ = disk.register_memory(&ctx.mem);
+                Engine::Disk(
+                    DiskEngine::start(disk.clone(), ctx, queues).map_err(ActivateError::Thread)?,
+                )
+            }
         });
         Ok(())
     }

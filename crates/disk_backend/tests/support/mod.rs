@@ -15,6 +15,8 @@ pub struct NullDisk {
     pub read_only: bool,
     pub optimal_unmap_sectors: u32,
     pub requests: AtomicU64,
+    /// `register_memory` calls that reached it.
+    pub registrations: AtomicU64,
 }
 
 impl NullDisk {
@@ -26,6 +28,7 @@ impl NullDisk {
             read_only: false,
             optimal_unmap_sectors: 1,
             requests: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
         }
     }
 
@@ -96,5 +99,9 @@ impl DiskIo for NullDisk {
     }
     fn unmap_behavior(&self) -> UnmapBehavior {
         UnmapBehavior::Ignored
+    }
+    fn register_memory(&self, _memory: &disk_backend::GuestMemory) -> Result<(), DiskError> {
+        self.registrations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
