@@ -13,7 +13,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -680,6 +681,9 @@ struct Case {
     host: HostSide,
     /// After the guest: this file must still be all zeros (an overlay must not write through).
     untouched: Option<PathBuf>,
+    /// While the guest runs, the export must pin memory (`VmPin`): the guest's, registered
+    /// as io_uring fixed buffers.
+    pinned: bool,
 }
 
 impl Case {
@@ -718,6 +722,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 lbs: 512,
                 host: HostSide::default(),
                 untouched: None,
+                pinned: false,
             })
             .collect());
     }
@@ -735,6 +740,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
         img("stripe-b"),
     );
     let qemu_file = img("qemu-file");
+    let fixed = img("blockdev-fixed");
     Ok(vec![
         Case {
             frontend: Frontend::Uml,
@@ -750,6 +756,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 resize: Some((file, RESIZED_BYTES)),
             },
             untouched: None,
+            pinned: false,
         },
         Case {
             frontend: Frontend::Uml,
@@ -762,6 +769,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             lbs: 512,
             host: HostSide::default(),
             untouched: None,
+            pinned: false,
         },
         Case {
             frontend: Frontend::Uml,
@@ -777,6 +785,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 resize: None,
             },
             untouched: None,
+            pinned: false,
         },
         Case {
             frontend: Frontend::Uml,
@@ -789,6 +798,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             lbs: 512,
             host: HostSide::default(),
             untouched: Some(base),
+            pinned: false,
         },
         Case {
             frontend: Frontend::Uml,
@@ -806,6 +816,25 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             lbs: 512,
             host: HostSide::default(),
             untouched: None,
+            pinned: false,
+        },
+        // io_uring with the guest's memory registered as fixed buffers: UML's memory is a
+        // file on tmpfs, which the kernel pins for long.
+        Case {
+            frontend: Frontend::Uml,
+            name: "blockdev-fixed-buffers",
+            kind,
+            spec: format!("blockdev({}, fixed_buffers)", fixed.display()),
+            images: vec![(fixed.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide {
+                file_check: Some(fixed),
+                resize: None,
+            },
+            untouched: None,
+            pinned: true,
         },
         // A second, independent frontend: QEMU (microvm, virtio-mmio) with Debian's kernel.
         Case {
@@ -822,6 +851,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 resize: Some((qemu_file, RESIZED_BYTES)),
             },
             untouched: None,
+            pinned: false,
         },
     ])
 }
@@ -880,6 +910,42 @@ fn all_zeros(path: &Path) -> Result {
     }
 }
 
+/// Samples a process's pinned memory (`VmPin` in `/proc/PID/status`) every 50 ms on a
+/// thread, keeping the largest value.
+struct PinSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PinSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut most = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+                    let pinned = status.ok().and_then(|status| {
+                        let line = status.lines().find(|l| l.starts_with("VmPin:"))?;
+                        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                    });
+                    most = most.max(pinned.unwrap_or(0));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                most
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops sampling; the largest `VmPin` seen, in kB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
 fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
     create_images(&case.images)?;
     let socket = dir.join(format!("{}.sock", case.name));
@@ -896,7 +962,9 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
             &log,
         )?,
     };
+    let sampler = case.pinned.then(|| PinSampler::start(export.child.id()));
     let verdict = boot(guest, &export.socket, &case.expect(), &case.host);
+    let pinned_kb = sampler.map(PinSampler::stop);
     let kind = export.kind;
     let log_text = export.log_text();
     let stopped = export.stop();
@@ -907,6 +975,14 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
             Err(e) => format!("HOST-CHECK export-stops-cleanly FAIL: {e}"),
         });
         verdict.passed &= stopped.is_ok();
+    }
+    if let Some(kb) = pinned_kb {
+        verdict.checks.push(if kb > 0 {
+            format!("HOST-CHECK guest-memory-pinned ok ({kb} kB at most)")
+        } else {
+            "HOST-CHECK guest-memory-pinned FAIL: the export never pinned memory".into()
+        });
+        verdict.passed &= kb > 0;
     }
     if let Some(base) = &case.untouched {
         let result = all_zeros(base);

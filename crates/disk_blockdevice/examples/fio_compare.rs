@@ -187,11 +187,6 @@ fn run_fio(
 ) -> Result<Figures, String> {
     let output = Command::new("fio")
         .arg("--name=compare")
-        .args(if fixed {
-            &["--fixedbufs", "--registerfiles"][..]
-        } else {
-            &[]
-        })
         .arg(format!("--filename={}", device.display()))
         .args([
             "--ioengine=io_uring",
@@ -202,6 +197,12 @@ fn run_fio(
             "--lat_percentiles=1",
             "--output-format=json",
         ])
+        // Engine options, after `--ioengine`.
+        .args(if fixed {
+            &["--fixedbufs", "--registerfiles"][..]
+        } else {
+            &[]
+        })
         .arg(format!("--rw={}", workload.fio_rw))
         .arg(format!("--bs={}", workload.block_size))
         .arg(format!("--iodepth={}", workload.queue_depth))

@@ -42,12 +42,13 @@ pub struct BlockDeviceOptions {
     /// (the default, any executor), a task on the current tokio runtime, or the thread that
     /// owns the ring. See the [crate documentation](crate#completions).
     pub completions: Completions,
-    /// Register the guest memory a frontend announces with
-    /// [`DiskIo::register_memory`] with the ring as io_uring fixed buffers (see
-    /// [`BlockDeviceDisk::register_fixed_buffers`]): requests in it skip the kernel's per-request
-    /// pinning of their pages, which saves about a quarter of the kernel time of a 4 KiB
-    /// request (`docs/benchmarks.md`), at the price of all of guest RAM staying pinned.
-    /// Off by default; without it `DiskIo::register_memory` does nothing.
+    /// Register the guest memory a frontend announces with [`DiskIo::register_memory`]
+    /// with the ring as io_uring fixed buffers (see
+    /// [`BlockDeviceDisk::register_fixed_buffers`], which says what it demands of the
+    /// memory): requests in it skip the kernel's per-request pinning of their pages, which
+    /// saves about a quarter of the kernel time of a 4 KiB request (`docs/benchmarks.md`),
+    /// at the price of all of guest RAM staying pinned. Off by default; without it
+    /// `DiskIo::register_memory` does nothing.
     pub fixed_buffers: bool,
 }
 
@@ -308,17 +309,30 @@ impl BlockDeviceDisk {
     /// Registers guest RAM with the disk's ring as io_uring fixed buffers, so that requests
     /// whose buffers lie in it (one region, within one 1 GiB piece) name it instead of
     /// having the kernel pin and unpin their pages on every request. Replaces an earlier
-    /// registration; an empty [`GuestMemory`] drops it. Read-only regions are left out.
+    /// registration (the same memory again costs nothing); an empty [`GuestMemory`] drops
+    /// it. Read-only regions are left out.
     ///
-    /// The kernel pins every page of the writable regions for as long as they stay
-    /// registered (like a device assigned with VFIO): the memory can no longer be swapped,
-    /// compacted or left unallocated, and without `CAP_IPC_LOCK` it counts against
-    /// `RLIMIT_MEMLOCK`. Call it when guest memory is set up (a device's activation), not
-    /// per request. On error ([`RingError::RegisterMemory`]) the disk keeps working without
-    /// fixed buffers. Requests with other buffers (bounce buffers, other memory) are not
-    /// affected. Several pieces in one request use fixed buffers only on Linux 6.15 and
-    /// later (`IORING_OP_READV_FIXED`). In [`Completions::Owner`] mode, once the ring is
-    /// claimed, only its owner thread may call this ([`RingError::OwnedElsewhere`]).
+    /// What it demands of the memory, as assigning a device with VFIO does:
+    ///
+    /// - The kernel pins every page of the writable regions for as long as they stay
+    ///   registered: the memory can no longer be swapped, compacted or left unallocated,
+    ///   and without `CAP_IPC_LOCK` it counts against `RLIMIT_MEMLOCK` (once per disk that
+    ///   registers it).
+    /// - The guest memory must not be discarded while registered (a balloon, free page
+    ///   reporting or virtio-mem that punches holes in the memory file or `madvise`s pages
+    ///   away): I/O goes to the pages pinned at registration, so after a discard reads would
+    ///   land in pages the guest no longer sees and writes would store stale data. Register
+    ///   again after such a change, or leave fixed buffers off.
+    ///
+    /// Call it when guest memory is set up (a device's activation), not per request. On
+    /// error ([`RingError::RegisterMemory`]) the disk keeps working as before (without fixed
+    /// buffers if none were registered). Requests with other buffers (bounce buffers,
+    /// other memory) are not affected. Several pieces in one request use fixed buffers
+    /// only on Linux 6.15 and later (`IORING_OP_READV_FIXED`); replacing a registration
+    /// needs 5.13 (`IORING_REGISTER_BUFFERS_UPDATE`), and memory of more 1 GiB pieces than
+    /// the first registration (at least 64) only replaces it while no request is in flight
+    /// (`EBUSY`). In [`Completions::Owner`] mode, once the ring is claimed, only its owner
+    /// thread may call this ([`RingError::OwnedElsewhere`]).
     pub fn register_fixed_buffers(&self, memory: &GuestMemory) -> Result<(), RingError> {
         self.ring.register_memory(memory)
     }

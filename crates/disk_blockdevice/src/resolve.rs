@@ -119,8 +119,8 @@ mod tests {
                 ))
                 .unwrap();
                 assert_eq!(disk.sector_count(), 2048);
-                // The flag makes `register_memory` register: a 1 MiB page-aligned buffer
-                // over a region of 256 pages reads through a fixed buffer.
+                // With the flag, `register_memory` registers (the disk's tests check that
+                // requests then use the memory as fixed buffers); reads still work.
                 let disk = resolve(&format!("blockdev({path}, buffered, fixed_buffers)")).unwrap();
                 let buffer = request_buffers::OwnedRequestBuffers::new(1 << 20);
                 disk.register_memory(buffer.guest_memory()).unwrap();

@@ -1,6 +1,7 @@
-//! Zero-copy reads, writes and flushes through `Disk` cost no heap allocation: the request's
-//! future fits `Disk`'s inline storage, the locked pages' iovecs are inline, and each ring
-//! slot reuses its iovec array. (Its own binary, so no other test allocates concurrently.)
+//! Zero-copy reads, writes and flushes through `Disk` cost no heap allocation, with and
+//! without fixed buffers: the request's future fits `Disk`'s inline storage, the locked
+//! pages' iovecs are inline, each ring slot reuses its iovec array, and the fixed buffer is
+//! found by a search. (Its own binary, so no other test allocates concurrently.)
 
 mod support;
 
@@ -14,12 +15,19 @@ use support::FileDisk;
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
+/// One test, so that nothing else in this binary allocates while it counts.
 #[test]
 fn zero_copy_requests_do_not_allocate() {
+    requests_do_not_allocate(false);
+    requests_do_not_allocate(true);
+}
+
+fn requests_do_not_allocate(fixed_buffers: bool) {
     let Some(file) = FileDisk::new(
         1 << 20,
         &BlockDeviceOptions {
             direct: false,
+            fixed_buffers,
             ..Default::default()
         },
     ) else {
@@ -27,6 +35,7 @@ fn zero_copy_requests_do_not_allocate() {
     };
     let disk = Disk::new(file.disk.clone()).unwrap();
     let owned = OwnedRequestBuffers::new(16 * 1024);
+    disk.register_memory(owned.guest_memory()).unwrap();
     let read = owned.buffers(true);
     let write = owned.buffers(false);
     // Warm up: the slot's iovec array and the completion thread's waker list grow once.
@@ -45,4 +54,10 @@ fn zero_copy_requests_do_not_allocate() {
     }
     let per_request = (allocations() - before) as f64 / 1500.0;
     assert_eq!(per_request, 0.0, "heap allocations per request");
+    let fixed = file.disk.fixed_buffer_stats().requests;
+    assert_eq!(
+        fixed > 0,
+        fixed_buffers,
+        "{fixed} requests with fixed buffers"
+    );
 }

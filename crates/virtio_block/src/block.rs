@@ -394,6 +394,11 @@ impl VirtioDevice for BlockDevice {
 
     fn reset(&mut self) {
         self.stop_engine();
+        if let Backend::Disk(disk) = &self.backend {
+            // The guest memory announced at activation may go away with the driver (a
+            // vhost-user frontend that disconnects): let the disk forget it.
+            let _ = disk.register_memory(&GuestMemory::empty());
+        }
         self.acked_features = 0;
         for queue in &mut self.queues {
             *queue = QueueConfig::new(queue.max_size);

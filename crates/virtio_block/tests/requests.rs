@@ -722,17 +722,24 @@ fn reset_and_probe_again() {
     assert_eq!(driver.read(0, 0, 512).unwrap(), (blk::S_OK, vec![3; 512]));
 }
 
-/// Activation announces the guest memory to the disk (`DiskIo::register_memory`), and a
-/// disk that refuses it still serves requests.
+/// Activation announces the guest memory to the disk (`DiskIo::register_memory`), a reset
+/// takes it back (an empty memory), and a disk that refuses it still serves requests.
 #[test]
 fn activation_announces_guest_memory_to_the_disk() {
     for failing in [false, true] {
         let probe = Arc::new(disk_conformance::MemoryProbe::new(256));
         probe.set_failing(failing);
+        // The driver resets the device before it sets it up: an empty memory, then the
+        // guest's at activation.
         let mut driver = driver_for(probe.clone(), BlockConfig::default());
-        assert_eq!(probe.calls(), 1);
+        assert_eq!(probe.calls(), 2);
         assert!(probe.last_is(driver.mem()));
         let (status, data) = driver.read(0, 8, 4096).unwrap();
         assert_eq!((status, data), (blk::S_OK, vec![0; 4096]));
+        driver.write_reg(mmio::STATUS, 0);
+        assert_eq!(probe.calls(), 3);
+        assert!(probe.last_is(&guestmem::GuestMemory::empty()));
+        driver.probe(&DriverOptions::default()).unwrap();
+        assert!(probe.last_is(driver.mem()));
     }
 }
