@@ -58,8 +58,9 @@
 //!   which submits and waits for completions in one `io_uring_enter` when the futures are
 //!   idle, as fio's own loop does; with many requests in flight it wakes once per quarter of
 //!   them. Requests polled on other threads wake the owner and progress only while it
-//!   drives. The fastest mode: about 0.9× fio's IOPS at queue depth 32 at memory speed
-//!   (0.65 to 0.75× for the others), 1.05 to 1.15× on a disk-backed device, and with
+//!   drives. The fastest mode: 0.9 to 1.0× fio's IOPS at queue depth 32 at memory speed
+//!   (0.95 to 1.02× with fixed buffers; 0.65 to 0.75× for the other modes), 1.03 to 1.15×
+//!   on a disk-backed device, and with
 //!   `completion_spin` (adaptive polling) at or below fio's latency at queue depth 1
 //!   (`docs/benchmarks.md`). Not available in a resolver spec, which cannot hand out the
 //!   driver.
