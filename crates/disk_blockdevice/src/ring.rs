@@ -2159,26 +2159,19 @@ mod tests {
             offset: 4096,
             dsync: true,
         };
-        let opcode = |op: Op, iovecs: &[IoBuffer], fixed| op.entry(iovecs, 0, fixed).get_opcode();
-        assert_eq!(
-            opcode(read, &one, Some(3)),
-            u32::from(opcode::ReadFixed::CODE)
-        );
-        assert_eq!(
-            opcode(read, &two, Some(3)),
-            u32::from(opcode::ReadvFixed::CODE)
-        );
-        assert_eq!(opcode(read, &one, None), u32::from(opcode::Readv::CODE));
-        assert_eq!(
-            opcode(write, &one, Some(3)),
-            u32::from(opcode::WriteFixed::CODE)
-        );
-        assert_eq!(
-            opcode(write, &two, Some(3)),
-            u32::from(opcode::WritevFixed::CODE)
-        );
-        assert_eq!(opcode(write, &two, None), u32::from(opcode::Writev::CODE));
-        assert_eq!(opcode(Op::Fsync, &[], None), u32::from(opcode::Fsync::CODE));
+        let cases: [(Op, &[IoBuffer], Option<u16>, u8); 7] = [
+            (read, &one, Some(3), opcode::ReadFixed::CODE),
+            (read, &two, Some(3), opcode::ReadvFixed::CODE),
+            (read, &one, None, opcode::Readv::CODE),
+            (write, &one, Some(3), opcode::WriteFixed::CODE),
+            (write, &two, Some(3), opcode::WritevFixed::CODE),
+            (write, &two, None, opcode::Writev::CODE),
+            (Op::Fsync, &[], None, opcode::Fsync::CODE),
+        ];
+        for (op, iovecs, fixed, code) in cases {
+            let entry = op.entry(iovecs, 0, fixed);
+            assert_eq!(entry.get_opcode(), u32::from(code), "{op:?} {fixed:?}");
+        }
     }
 
     /// Guest memory of `pages` pages.
