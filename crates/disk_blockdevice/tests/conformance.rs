@@ -1,41 +1,12 @@
 //! The conformance suite on loop devices (512-byte and 4 KiB sectors, `O_DIRECT` through
-//! the loop driver's direct I/O) and on regular files with and without `O_DIRECT`.
+//! the loop driver's direct I/O) and on regular files with and without `O_DIRECT`; each
+//! test says why and passes where loop devices or io_uring are missing.
 
 mod support;
 
 use disk_blockdevice::BlockDeviceOptions;
 use disk_conformance::DiskSpec;
 use support::{FileDisk, LoopDisk};
-
-/// Expands to one test per conformance check; each says why and returns early where
-/// `$unavailable` (loop devices, io_uring) gives a reason.
-macro_rules! suite {
-    ($name:ident, $unavailable:expr, $factory:expr) => {
-        mod $name {
-            use super::*;
-
-            macro_rules! check {
-                ($check:ident) => {
-                    #[test]
-                    fn $check() {
-                        if let Some(reason) = $unavailable {
-                            eprintln!("skipping: {reason}");
-                            return;
-                        }
-                        disk_conformance::$check(&disk_conformance::factory($factory));
-                    }
-                };
-            }
-
-            check!(range_edges);
-            check!(zero_length);
-            check!(read_only);
-            check!(buffer_layouts);
-            check!(unmap_semantics);
-            check!(model);
-        }
-    };
-}
 
 fn loop_unavailable() -> Option<String> {
     support::loop_devices_unavailable().or_else(support::io_uring_unavailable)
@@ -67,20 +38,24 @@ fn file_disk(spec: &DiskSpec, direct: bool) -> FileDisk {
     .expect("io_uring was found available")
 }
 
-suite!(loop_512, loop_unavailable(), |spec: &DiskSpec| loop_disk(
-    spec, 512
-));
-suite!(loop_4k, loop_unavailable(), |spec: &DiskSpec| loop_disk(
-    spec, 4096
-));
-suite!(
+disk_conformance::conformance_tests!(
+    loop_512,
+    skip_if: loop_unavailable(),
+    |spec: &DiskSpec| loop_disk(spec, 512)
+);
+disk_conformance::conformance_tests!(
+    loop_4k,
+    skip_if: loop_unavailable(),
+    |spec: &DiskSpec| loop_disk(spec, 4096)
+);
+disk_conformance::conformance_tests!(
     file_direct,
-    support::io_uring_unavailable(),
+    skip_if: support::io_uring_unavailable(),
     |spec: &DiskSpec| file_disk(spec, true)
 );
-suite!(
+disk_conformance::conformance_tests!(
     file_buffered,
-    support::io_uring_unavailable(),
+    skip_if: support::io_uring_unavailable(),
     |spec: &DiskSpec| file_disk(spec, false)
 );
 

@@ -48,7 +48,11 @@ fn file_disk(spec: &DiskSpec) -> FileDisk {
     .expect("io_uring is available")
 }
 
-disk_conformance::conformance_tests!(file_tokio, |spec: &DiskSpec| file_disk(spec));
+disk_conformance::conformance_tests!(
+    file_tokio,
+    skip_if: support::io_uring_unavailable(),
+    |spec: &DiskSpec| file_disk(spec)
+);
 
 /// A loop device in tokio mode on [`RUNTIME`], or `None` where loop devices are unavailable.
 fn loop_disk(size: u64, read_only: bool) -> Option<LoopDisk> {
