@@ -12,7 +12,10 @@
 //!   (virtio-blk does at activation) is registered with the ring once, and requests in it
 //!   use `IORING_OP_READ_FIXED` and friends: the kernel no longer pins and unpins their
 //!   pages per request (a quarter of the kernel time of a 4 KiB request), at the price of
-//!   guest RAM staying pinned. [`BlockDeviceDisk::fixed_buffer_stats`] shows whether it took.
+//!   guest RAM staying pinned and not discarded (see
+//!   [`register_fixed_buffers`](BlockDeviceDisk::register_fixed_buffers)).
+//!   [`BlockDeviceDisk::fixed_buffer_stats`] shows whether it took. In a resolver spec:
+//!   `blockdev(PATH, fixed_buffers)`.
 //! - **Batched submission**: requests push their entries under one lock, and one
 //!   `io_uring_enter` submits everything queued while it runs.
 //! - **Any executor**: futures work under tokio, `futures::executor::block_on`, or anything

@@ -15,6 +15,9 @@ use support::FileDisk;
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
+/// Allocations the measured requests may cause that are not theirs (see the assertion).
+const ONE_OFF_ALLOCATIONS: u64 = 4;
+
 /// One test, so that nothing else in this binary allocates while it counts.
 #[test]
 fn zero_copy_requests_do_not_allocate() {
@@ -52,8 +55,16 @@ fn requests_do_not_allocate(fixed_buffers: bool) {
         block_on(disk.read_vectored(&read, sector)).unwrap();
         block_on(disk.sync_cache()).unwrap();
     }
-    let per_request = (allocations() - before) as f64 / 1500.0;
-    assert_eq!(per_request, 0.0, "heap allocations per request");
+    // Not one per request, nor one in a hundred. A few one-off allocations are allowed:
+    // `parking_lot` sets up a thread's parking data the first time it parks (the completion
+    // thread the first time it finds the table lock taken), which may grow its global table
+    // of threads and register a thread-local destructor. Whether that falls in the measured
+    // requests depends on timing: it failed one run in about twenty with none allowed.
+    let allocated = allocations() - before;
+    assert!(
+        allocated <= ONE_OFF_ALLOCATIONS,
+        "{allocated} heap allocations in 1500 requests (fixed buffers: {fixed_buffers})"
+    );
     let fixed = file.disk.fixed_buffer_stats().requests;
     assert_eq!(
         fixed > 0,
