@@ -309,8 +309,8 @@ impl BlockDeviceDisk {
     /// Registers guest RAM with the disk's ring as io_uring fixed buffers, so that requests
     /// whose buffers lie in it (one region, within one 1 GiB piece) name it instead of
     /// having the kernel pin and unpin their pages on every request. Replaces an earlier
-    /// registration (the same memory again costs nothing); an empty [`GuestMemory`] drops
-    /// it. Read-only regions are left out.
+    /// registration (the same memory again pins its pages anew); an empty [`GuestMemory`]
+    /// drops it. Read-only regions are left out.
     ///
     /// What it demands of the memory, as assigning a device with VFIO does:
     ///
@@ -321,12 +321,13 @@ impl BlockDeviceDisk {
     /// - The guest memory must not be discarded while registered (a balloon, free page
     ///   reporting or virtio-mem that punches holes in the memory file or `madvise`s pages
     ///   away): I/O goes to the pages pinned at registration, so after a discard reads would
-    ///   land in pages the guest no longer sees and writes would store stale data. Register
-    ///   again after such a change, or leave fixed buffers off.
+    ///   land in pages the guest no longer sees and writes would store stale data (a test
+    ///   shows it). Register the memory again after such a change (with no request in
+    ///   flight), or leave fixed buffers off.
     ///
     /// Call it when guest memory is set up (a device's activation), not per request. On
-    /// error ([`RingError::RegisterMemory`]) the disk keeps working as before (without fixed
-    /// buffers if none were registered). Requests with other buffers (bounce buffers,
+    /// error ([`RingError::RegisterMemory`]) nothing stays registered and the disk keeps
+    /// working without fixed buffers. Requests with other buffers (bounce buffers,
     /// other memory) are not affected. Several pieces in one request use fixed buffers
     /// only on Linux 6.15 and later (`IORING_OP_READV_FIXED`); replacing a registration
     /// needs 5.13 (`IORING_REGISTER_BUFFERS_UPDATE`), and memory of more 1 GiB pieces than

@@ -272,10 +272,12 @@ pub enum RingError {
     /// Enabling the ring for its owner (`IORING_REGISTER_ENABLE_RINGS`) failed.
     #[error("cannot enable the ring for its owner")]
     Enable(#[source] io::Error),
-    /// [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers): the
-    /// kernel refused to register the memory (`ENOMEM`: over `RLIMIT_MEMLOCK` without
-    /// `CAP_IPC_LOCK`; `EFAULT`: memory it cannot pin for long, such as a shared mapping of
-    /// a file on a regular filesystem). The disk works as before, without fixed buffers.
+    /// [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers):
+    /// the memory could not be registered (`ENOMEM`: over `RLIMIT_MEMLOCK` without
+    /// `CAP_IPC_LOCK`; `EFAULT`: memory the kernel cannot pin for long, such as a shared
+    /// mapping of a file on a regular file system; `EBUSY`: a new buffer table was needed
+    /// while requests were in flight). Nothing stays registered; the disk works as before,
+    /// without fixed buffers.
     #[error("cannot register guest memory with the ring")]
     RegisterMemory(#[source] io::Error),
 }
@@ -452,11 +454,114 @@ struct FixedBuffers {
     memory: Option<GuestMemory>,
     /// Requests submitted with a fixed buffer.
     requests: u64,
-    /// Entries of the kernel's buffer table, 0 before the first registration.
+    /// Entries of the kernel's buffer table (registered or empty), 0 while it has none.
     table_len: u32,
 }
 
 impl FixedBuffers {
+    /// Makes the kernel's table hold `ranges` (in its first slots; the rest empty), with
+    /// `outstanding` requests in flight. On error nothing is registered any more (the
+    /// caller forgets its ranges): the kernel never keeps a slot the table does not know.
+    fn replace(
+        &mut self,
+        ring: &IoUring,
+        ranges: &[(usize, usize)],
+        outstanding: usize,
+    ) -> io::Result<()> {
+        let submitter = ring.submitter();
+        let iovec = |slot: usize| match ranges.get(slot) {
+            Some(&(start, end)) => libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: end - start,
+            },
+            // An empty slot (`NULL`, 0).
+            None => libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+        };
+        let table_len = self.table_len as usize;
+        if table_len > 0 && ranges.len() <= table_len {
+            // Slot by slot, so that a failure is known where it happened (the kernel
+            // reports a partial update as the count done, which the crate turns into
+            // success).
+            for slot in 0..table_len {
+                // SAFETY: each non-empty iovec is a piece of a region of the memory the
+                // caller keeps mapped (the table's clone) while it is registered. Requests
+                // already submitted with the entry this replaces hold their own reference
+                // in the kernel, and their memory is kept alive by their slots
+                // (`LockedPages`). The guest may change the memory at any time, which the
+                // kernel tolerates like any user buffer.
+                let updated =
+                    unsafe { submitter.register_buffers_update(slot as u32, &[iovec(slot)], None) };
+                match updated {
+                    Ok(()) if slot + 1 == table_len => return Ok(()),
+                    Ok(()) => {}
+                    // No updates (before Linux 5.13): a new table instead, below.
+                    Err(e) if slot == 0 && e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(e) => {
+                        self.clear(ring);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if table_len > 0 {
+            // Unregistering waits for every request in flight before Linux 6.13.
+            if outstanding > 0 {
+                self.clear(ring);
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            if let Err(e) = submitter.unregister_buffers() {
+                self.clear(ring);
+                return Err(e);
+            }
+            self.table_len = 0;
+        }
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let len = ranges
+            .len()
+            .next_power_of_two()
+            .clamp(64, FIXED_BUFFERS_MAX);
+        let iovecs: Vec<libc::iovec> = (0..len).map(iovec).collect();
+        // SAFETY: as above; no request uses the new table yet.
+        let registered = match unsafe { submitter.register_buffers(&iovecs) } {
+            Ok(()) => len,
+            // Kernels before 5.13 refuse empty slots: a table of exactly the pieces.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) && len > ranges.len() => {
+                // SAFETY: as above.
+                unsafe { submitter.register_buffers(&iovecs[..ranges.len()]) }?;
+                ranges.len()
+            }
+            Err(e) => return Err(e),
+        };
+        self.table_len = registered as u32;
+        Ok(())
+    }
+
+    /// Empties every slot of the kernel's table after a failed change, or, where a slot
+    /// cannot be emptied, drops the table.
+    fn clear(&mut self, ring: &IoUring) {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let submitter = ring.submitter();
+        for slot in 0..self.table_len {
+            // SAFETY: an empty slot names no memory.
+            if unsafe { submitter.register_buffers_update(slot, &[empty], None) }.is_err() {
+                // Unregistering may wait for requests in flight (before 6.13), but it is
+                // the only way left to make the kernel let go of the memory.
+                if submitter.unregister_buffers().is_ok() {
+                    self.table_len = 0;
+                }
+                return;
+            }
+        }
+    }
+
     /// The index of the registered buffer that holds every byte of `iovecs`, if there is
     /// one and the kernel can take that many pieces from it.
     fn index_of(&self, iovecs: &[IoBuffer]) -> Option<u16> {
@@ -1074,10 +1179,11 @@ impl Ring {
     /// [`BlockDeviceDisk::register_fixed_buffers`](crate::BlockDeviceDisk::register_fixed_buffers).
     ///
     /// The kernel's buffer table is registered once, with room to spare, and later changed
-    /// in place (`IORING_REGISTER_BUFFERS_UPDATE`, Linux 5.13): unregistering it waits for
-    /// every request in flight on kernels before 6.13, an update never does. Only memory of
-    /// more pieces than the table holds needs a new table, and that waits until nothing is
-    /// in flight (`EBUSY` until then).
+    /// in place, slot by slot (`IORING_REGISTER_BUFFERS_UPDATE`, Linux 5.13): unregistering
+    /// a table waits for every request in flight on kernels before 6.13, an update never
+    /// does. A new table (memory of more pieces than the table holds, or a kernel without
+    /// updates) is only made while no request is in flight (`EBUSY` until then). On any
+    /// error nothing stays registered, so the table and what the kernel holds never differ.
     pub(crate) fn register_memory(&self, memory: &GuestMemory) -> Result<(), RingError> {
         let shared = &*self.shared;
         if let Some(owner) = &shared.owner {
@@ -1089,83 +1195,33 @@ impl Ring {
         }
         let ranges = fixed_buffer_ranges(memory);
         let mut table = shared.table.lock();
-        let fixed = &table.fixed;
-        if ranges == fixed.ranges {
-            // The same mappings (the table's clone keeps the old ones mapped, so equal
-            // addresses are the same memory): nothing to pin again.
-            table.fixed.memory = (!ranges.is_empty()).then(|| memory.clone());
-            return Ok(());
-        }
-        if fixed.table_len > 0 {
+        if table.fixed.table_len > 0 {
             // Entries queued but not submitted name buffers by index: let the kernel take
-            // them (and their buffers' references) before the indices change. One that
-            // stays queued (a failed submission) may fail with `EFAULT`, which the disk
-            // retries without a fixed buffer; it never reaches other memory, as the kernel
-            // checks its addresses against the buffer it names.
+            // them (and their buffers' references) before the slots change. One that stays
+            // queued (a failed submission) may fail with `EFAULT`, which is retried without
+            // a fixed buffer.
             if shared.owner.is_none() || shared.on_owner_thread() {
                 let _ = shared.ring.submit();
             }
         }
-        let submitter = shared.ring.submitter();
-        let iovecs = |len: usize| -> Vec<libc::iovec> {
-            // Unused entries are empty (`NULL`, 0): sparse slots.
-            let empty = libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            };
-            ranges
-                .iter()
-                .map(|&(start, end)| libc::iovec {
-                    iov_base: start as *mut libc::c_void,
-                    iov_len: end - start,
-                })
-                .chain(std::iter::repeat(empty))
-                .take(len)
-                .collect()
-        };
-        let table_len = fixed.table_len as usize;
-        if table_len > 0 && ranges.len() <= table_len {
-            // SAFETY: each non-empty iovec is a piece of a region of `memory`, which the
-            // table keeps mapped (its clone below) while registered. Requests already
-            // submitted with the entries this replaces hold their own references in the
-            // kernel, and their memory is kept alive by their slots (`LockedPages`). The
-            // guest may change the memory at any time, which the kernel tolerates like any
-            // user buffer.
-            unsafe { submitter.register_buffers_update(0, &iovecs(table_len), None) }
-                .map_err(RingError::RegisterMemory)?;
-        } else if !ranges.is_empty() {
-            if table_len > 0 {
-                if table.outstanding > 0 {
-                    return Err(RingError::RegisterMemory(io::Error::from_raw_os_error(
-                        libc::EBUSY,
-                    )));
-                }
-                submitter
-                    .unregister_buffers()
-                    .map_err(RingError::RegisterMemory)?;
-                table.fixed.table_len = 0;
-                table.fixed.ranges.clear();
-                table.fixed.memory = None;
+        let outstanding = table.outstanding;
+        let result = table.fixed.replace(&shared.ring, &ranges, outstanding);
+        // The old memory (maybe all of guest RAM, or an external keep-alive) is released
+        // after the lock.
+        let old = match result {
+            Ok(()) => {
+                let memory = (!ranges.is_empty()).then(|| memory.clone());
+                table.fixed.ranges = ranges;
+                std::mem::replace(&mut table.fixed.memory, memory)
             }
-            let len = ranges
-                .len()
-                .next_power_of_two()
-                .clamp(64, FIXED_BUFFERS_MAX);
-            // SAFETY: as above; no request uses the table yet. Kernels before 5.19 refuse
-            // empty slots: then the table is exactly as long as the memory's pieces.
-            let registered = unsafe { submitter.register_buffers(&iovecs(len)) }
-                .map(|()| len)
-                .or_else(|_| {
-                    // SAFETY: as above.
-                    unsafe { submitter.register_buffers(&iovecs(ranges.len())) }
-                        .map(|()| ranges.len())
-                })
-                .map_err(RingError::RegisterMemory)?;
-            table.fixed.table_len = registered as u32;
-        }
-        table.fixed.memory = (!ranges.is_empty()).then(|| memory.clone());
-        table.fixed.ranges = ranges;
-        Ok(())
+            Err(_) => {
+                table.fixed.ranges.clear();
+                table.fixed.memory.take()
+            }
+        };
+        drop(table);
+        drop(old);
+        result.map_err(RingError::RegisterMemory)
     }
 
     /// See [`BlockDeviceDisk::fixed_buffer_stats`](crate::BlockDeviceDisk::fixed_buffer_stats).
@@ -2203,7 +2259,7 @@ mod tests {
     /// A read in flight into registered memory completes into that memory although the
     /// registration changes meanwhile (the kernel keeps what a request uses; unregistering
     /// would wait for it on kernels before 6.13, and this test would hang there), requests
-    /// after the change use the new registration, and the same memory again changes nothing.
+    /// after the change use the new registration.
     #[test]
     fn a_read_in_flight_keeps_its_buffer_across_a_new_registration() {
         let (read_end, write_end) = pipe();
@@ -2312,5 +2368,87 @@ mod tests {
         assert_eq!(result.unwrap(), 1);
         assert_eq!(first.read_plain::<u8>(0).unwrap(), 42);
         assert_eq!(other.read_plain::<u8>(0).unwrap(), 0);
+    }
+
+    /// Registering the same memory again pins its pages anew: after guest memory was
+    /// discarded (`MADV_DONTNEED`, as a balloon does) the ring still holds the old pages, and
+    /// a read lands where the guest no longer looks, until the memory is registered again.
+    #[test]
+    fn registering_again_after_a_discard_pins_the_new_pages() {
+        let (read_end, write_end) = pipe();
+        let ring = thread_ring(&read_end);
+        let memory = GuestMemory::builder()
+            .anonymous(0, guestmem::PAGE_SIZE as u64)
+            .and_then(guestmem::GuestMemoryBuilder::build)
+            .unwrap();
+        memory.write_at(0, &[1]).unwrap();
+        ring.register_memory(&memory).unwrap();
+        let (_, host, _) = memory.host_regions().next().unwrap();
+        // SAFETY: `host` is the whole private anonymous mapping of `memory`, which lives;
+        // discarding it only makes its next access see a fresh zero page.
+        let discarded =
+            unsafe { libc::madvise(host.as_ptr().cast(), host.len(), libc::MADV_DONTNEED) };
+        assert_eq!(discarded, 0);
+        nix::unistd::write(&write_end, &[9]).unwrap();
+        let (result, _) = futures::executor::block_on(read_into(&ring, &memory, 1, 0));
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(
+            memory.read_plain::<u8>(0).unwrap(),
+            0,
+            "the read went to the old page"
+        );
+        ring.register_memory(&memory).unwrap();
+        nix::unistd::write(&write_end, &[7]).unwrap();
+        let (result, _) = futures::executor::block_on(read_into(&ring, &memory, 1, 0));
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(memory.read_plain::<u8>(0).unwrap(), 7);
+        assert_eq!(ring.fixed_buffer_stats().requests, 2);
+    }
+
+    /// Memory of more pieces than the kernel's table holds (64 slots at first) needs a new
+    /// table, which is refused with `EBUSY` while a request is in flight, leaving nothing
+    /// registered (the request completes), and made once nothing is.
+    #[test]
+    fn a_larger_table_waits_until_nothing_is_in_flight() {
+        let (read_end, write_end) = pipe();
+        let ring = thread_ring(&read_end);
+        let small = memory(1);
+        ring.register_memory(&small).unwrap();
+        // 65 one-page regions, apart in guest-physical space: 65 pieces.
+        let many = (0..65u64)
+            .try_fold(GuestMemory::builder(), |builder, i| {
+                builder.heap(
+                    2 * i * guestmem::PAGE_SIZE as u64,
+                    guestmem::PAGE_SIZE as u64,
+                )
+            })
+            .and_then(guestmem::GuestMemoryBuilder::build)
+            .unwrap();
+        let mut read = pin!(read_into(&ring, &small, 1, 0));
+        assert!(
+            read.as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending()
+        );
+        let error = ring.register_memory(&many).unwrap_err();
+        assert!(
+            matches!(&error, RingError::RegisterMemory(e) if e.raw_os_error() == Some(libc::EBUSY)),
+            "{error:?}"
+        );
+        assert_eq!(ring.fixed_buffer_stats().registered_bytes, 0);
+        nix::unistd::write(&write_end, &[3]).unwrap();
+        let (result, _) = futures::executor::block_on(read);
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(small.read_plain::<u8>(0).unwrap(), 3);
+        ring.register_memory(&many).unwrap();
+        assert_eq!(
+            ring.fixed_buffer_stats().registered_bytes,
+            65 * guestmem::PAGE_SIZE as u64
+        );
+        nix::unistd::write(&write_end, &[4]).unwrap();
+        let (result, _) = futures::executor::block_on(read_into(&ring, &many, 1, 0));
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(many.read_plain::<u8>(0).unwrap(), 4);
+        assert_eq!(ring.fixed_buffer_stats().requests, 2);
     }
 }

@@ -368,9 +368,11 @@ impl VirtioDevice for BlockDevice {
                 // buffers). Only a hint: on failure the disk serves requests as before, and
                 // activation must not fail for it.
                 let _ = disk.register_memory(&ctx.mem);
-                Engine::Disk(
-                    DiskEngine::start(disk.clone(), ctx, queues).map_err(ActivateError::Thread)?,
-                )
+                let engine = DiskEngine::start(disk.clone(), ctx, queues).map_err(|e| {
+                    let _ = disk.register_memory(&GuestMemory::empty());
+                    ActivateError::Thread(e)
+                })?;
+                Engine::Disk(engine)
             }
         });
         Ok(())
