@@ -741,6 +741,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
     );
     let qemu_file = img("qemu-file");
     let fixed = img("blockdev-fixed");
+    let qemu_fixed = img("qemu-blockdev-fixed");
     Ok(vec![
         Case {
             frontend: Frontend::Uml,
@@ -852,6 +853,24 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             },
             untouched: None,
             pinned: false,
+        },
+        // The same through QEMU, whose memory is a memfd and which resets the device before
+        // every start: the registration is replaced through the update path.
+        Case {
+            frontend: Frontend::Qemu,
+            name: "qemu-microvm-blockdev-fixed-buffers",
+            kind,
+            spec: format!("blockdev({}, fixed_buffers)", qemu_fixed.display()),
+            images: vec![(qemu_fixed.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide {
+                file_check: Some(qemu_fixed),
+                resize: None,
+            },
+            untouched: None,
+            pinned: true,
         },
     ])
 }
