@@ -11,7 +11,7 @@ use disk_backend::{Disk, DiskError};
 use futures::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use request_buffers::{MemoryRead, OwnedRequestBuffers};
+use request_buffers::{GuestMemory, MemoryRead, MemoryWrite, PagedRange, RequestBuffers};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -157,6 +157,10 @@ pub struct Report {
     pub verified_reads: u64,
     /// Reads of blocks never written with verification (nothing to check).
     pub unverified_reads: u64,
+    /// Why the disk refused the run's buffer memory (`DiskIo::register_memory`, which a
+    /// stack with fixed buffers uses), if it did; the run went on without.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_refused: Option<String>,
 }
 
 /// Latency statistics in microseconds.
@@ -230,7 +234,14 @@ impl std::fmt::Display for Report {
             f,
             "verified  {} reads checked, {} of never-written blocks",
             self.verified_reads, self.unverified_reads
-        )
+        )?;
+        if let Some(reason) = &self.memory_refused {
+            write!(
+                f,
+                "\nnote      the disk refused the buffer memory: {reason}"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -305,6 +316,10 @@ struct Shared<'a> {
     busy: Vec<AtomicBool>,
     progress: &'a Progress,
     failed: AtomicBool,
+    /// Every worker's buffer: worker `w` uses `pages_per_block` pages from page
+    /// `w * pages_per_block`. One memory, so that the disk can be told of it once.
+    memory: GuestMemory,
+    pages_per_block: u64,
 }
 
 impl Shared<'_> {
@@ -381,6 +396,16 @@ pub fn run(disk: &Disk, config: &Config, progress: &Progress) -> Result<Report, 
     if config.size_bytes.is_some_and(|size| size < block_size) {
         return Err(WorkloadError::StopCondition);
     }
+    let pages_per_block = block_size.div_ceil(guestmem::PAGE_SIZE64);
+    // At most 4096 workers of 64 MiB (checked above): 2^38 bytes, as much as the workers'
+    // own buffers would take.
+    let memory = GuestMemory::allocate(
+        (pages_per_block * config.queue_depth as u64 * guestmem::PAGE_SIZE64) as usize,
+    );
+    let memory_refused = disk
+        .register_memory(&memory)
+        .err()
+        .map(|e| crate::stack::error_chain(&e));
     let start = Instant::now();
     let shared = Shared {
         disk,
@@ -394,6 +419,8 @@ pub fn run(disk: &Disk, config: &Config, progress: &Progress) -> Result<Report, 
         busy: (0..blocks).map(|_| AtomicBool::new(false)).collect(),
         progress,
         failed: AtomicBool::new(false),
+        memory,
+        pages_per_block,
     };
     let results = futures::executor::block_on(join_all(
         (0..config.queue_depth).map(|worker| run_worker(&shared, worker as u64, read_percent)),
@@ -421,6 +448,7 @@ pub fn run(disk: &Disk, config: &Config, progress: &Progress) -> Result<Report, 
         latency_us: Latency::of(stats.latencies),
         verified_reads: stats.verified,
         unverified_reads: stats.unverified,
+        memory_refused,
     })
 }
 
@@ -446,7 +474,10 @@ async fn worker_loop(
     let block_bytes = config.block_size as usize;
     let sectors_per_block = config.block_size / shared.disk.sector_size() as u64;
     let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(worker));
-    let buffers = OwnedRequestBuffers::new(block_bytes);
+    let first = worker * shared.pages_per_block;
+    let gpns: Vec<u64> = (first..first + shared.pages_per_block).collect();
+    let range = PagedRange::new(0, block_bytes, &gpns).expect("the worker's pages hold a block");
+    let buffers = |is_write| RequestBuffers::new(&shared.memory, range, is_write);
     let mut host = vec![0u8; block_bytes];
     let mut stats = WorkerStats::default();
     while let Some(block) = shared.claim(&mut rng) {
@@ -456,7 +487,7 @@ async fn worker_loop(
         if rng.random_range(0..100u8) < read_percent {
             shared
                 .disk
-                .read_vectored(&buffers.buffers(true), sector)
+                .read_vectored(&buffers(true), sector)
                 .await
                 .map_err(|source| WorkloadError::Disk {
                     op: "read",
@@ -466,11 +497,10 @@ async fn worker_loop(
             stats.latencies.push(started.elapsed());
             stats.reads += 1;
             if config.verify {
-                buffers
-                    .buffers(false)
+                buffers(false)
                     .reader()
                     .read(&mut host)
-                    .expect("owned buffers are accessible");
+                    .expect("the workload's own memory is accessible");
                 match check(&host, block, generation) {
                     Ok(true) => stats.verified += 1,
                     Ok(false) => stats.unverified += 1,
@@ -487,11 +517,14 @@ async fn worker_loop(
             let generation = generation + 1;
             if config.verify {
                 stamp(&mut host, block, generation);
-                buffers.copy_from_slice(&host);
+                buffers(true)
+                    .writer()
+                    .write(&host)
+                    .expect("the workload's own memory is accessible");
             }
             shared
                 .disk
-                .write_vectored(&buffers.buffers(false), sector, false)
+                .write_vectored(&buffers(false), sector, false)
                 .await
                 .map_err(|source| WorkloadError::Disk {
                     op: "write",
@@ -559,6 +592,29 @@ mod tests {
         };
         let report = run(&disk, &read, &Progress::default()).unwrap();
         assert_eq!((report.reads, report.verified_reads), (128, 128));
+    }
+
+    /// The run announces its buffer memory to the disk once, with every worker's block in
+    /// it, and a refusal is reported, not fatal.
+    #[test]
+    fn buffer_memory_is_announced_and_a_refusal_reported() {
+        for failing in [false, true] {
+            let probe = std::sync::Arc::new(disk_conformance::MemoryProbe::new(1024));
+            probe.set_failing(failing);
+            let disk = Disk::new(probe.clone()).unwrap();
+            let quiet = Config {
+                verify: false,
+                ..config(Pattern::Randrw)
+            };
+            let report = run(&disk, &quiet, &Progress::default()).unwrap();
+            assert!(report.reads > 0 && report.writes > 0);
+            assert_eq!(probe.calls(), 1);
+            assert_eq!(report.memory_refused.is_some(), failing);
+            assert_eq!(
+                report.to_string().contains("refused the buffer memory"),
+                failing
+            );
+        }
     }
 
     #[test]
