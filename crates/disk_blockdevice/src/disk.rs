@@ -322,18 +322,19 @@ impl BlockDeviceDisk {
     ///   reporting or virtio-mem that punches holes in the memory file or `madvise`s pages
     ///   away): I/O goes to the pages pinned at registration, so after a discard reads would
     ///   land in pages the guest no longer sees and writes would store stale data (a test
-    ///   shows it). Register the memory again after such a change (with no request in
-    ///   flight), or leave fixed buffers off.
+    ///   shows it). Register the memory again after such a change, or leave fixed buffers
+    ///   off.
     ///
     /// Call it when guest memory is set up (a device's activation), not per request. On
     /// error ([`RingError::RegisterMemory`]) nothing stays registered and the disk keeps
     /// working without fixed buffers. Requests with other buffers (bounce buffers,
     /// other memory) are not affected. Several pieces in one request use fixed buffers
-    /// only on Linux 6.15 and later (`IORING_OP_READV_FIXED`); replacing a registration
-    /// needs 5.13 (`IORING_REGISTER_BUFFERS_UPDATE`), and memory of more 1 GiB pieces than
-    /// the first registration (at least 64) only replaces it while no request is in flight
-    /// (`EBUSY`). In [`Completions::Owner`] mode, once the ring is claimed, only its owner
-    /// thread may call this ([`RingError::OwnedElsewhere`]).
+    /// only on Linux 6.15 and later (`IORING_OP_READV_FIXED`). Replacing a registration
+    /// while requests are in flight needs Linux 5.13 (`IORING_REGISTER_BUFFERS_UPDATE`) and
+    /// memory of no more 1 GiB pieces than the kernel's table holds (at least 64);
+    /// otherwise it is refused with `EBUSY` until nothing is in flight. In
+    /// [`Completions::Owner`] mode, once the ring is claimed, only its owner thread may
+    /// call this ([`RingError::OwnedElsewhere`]).
     pub fn register_fixed_buffers(&self, memory: &GuestMemory) -> Result<(), RingError> {
         self.ring.register_memory(memory)
     }

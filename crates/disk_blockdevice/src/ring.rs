@@ -486,12 +486,12 @@ impl FixedBuffers {
             // reports a partial update as the count done, which the crate turns into
             // success).
             for slot in 0..table_len {
-                // SAFETY: each non-empty iovec is a piece of a region of the memory the
-                // caller keeps mapped (the table's clone) while it is registered. Requests
-                // already submitted with the entry this replaces hold their own reference
-                // in the kernel, and their memory is kept alive by their slots
-                // (`LockedPages`). The guest may change the memory at any time, which the
-                // kernel tolerates like any user buffer.
+                // Each non-empty iovec is a piece of a region of the memory the caller
+                // keeps mapped (the table's clone) while it is registered. Requests already
+                // submitted with the entry this replaces hold their own reference in the
+                // kernel, and their memory is kept alive by their slots (`LockedPages`).
+                // SAFETY: the memory outlives its registration (above); the guest may change
+                // it at any time, which the kernel tolerates like any user buffer.
                 let updated =
                     unsafe { submitter.register_buffers_update(slot as u32, &[iovec(slot)], None) };
                 match updated {
