@@ -25,7 +25,8 @@ verbs:
   bench blockdevice [ARGS]
                       disk_blockdevice against fio on loop devices it creates (root;
                       installs fio if missing); ARGS: --runtime SECS, --reps N,
-                      --size-mib MIB, --only shm|disk
+                      --size-mib MIB, --only shm|disk, --engine TEXT, --workload
+                      TEXT, --pin CPU
   bench guest [--runtime SECS] [--rounds N] [--spec SPEC] [--qsd-iothread]
                       the same User-Mode Linux guest and fio jobs against
                       qemu-storage-daemon and diskctl serve on one backing file in

@@ -1,7 +1,7 @@
 //! `BlockDeviceDisk` against fio's io_uring engine, on the same loop devices, in one run.
 //!
 //! Run as root with `cargo xtask bench blockdevice [--runtime SECS] [--reps N] [--only shm|disk]
-//! [--engine TEXT] [--workload TEXT] [--size-mib N]`. It creates two loop devices with
+//! [--engine TEXT] [--workload TEXT] [--size-mib N] [--pin CPU]`. It creates two loop devices with
 //! `--direct-io=on` (one backed by a file in `/dev/shm`, one by a file on disk in `/var/tmp`),
 //! installs fio with apt-get if it is missing, and for each workload (4 KiB random read at
 //! queue depth 1 and 32, 1 MiB sequential read and write at depth 8, all `O_DIRECT`)
@@ -17,6 +17,8 @@
 //! fixed buffers, the owner mode with `completion_spin` (adaptive polling) without and with
 //! fixed buffers, and at queue depth 1 the default with `completion_spin`. All requests' buffers
 //! live in one guest memory, a page-aligned run of pages per request in flight.
+//! `--pin CPU` pins the thread that runs our engines' futures (the owner, in owner mode) to
+//! one CPU while they run (fio stays unpinned).
 //! `--engine` and `--workload` keep only the engines and workloads whose
 //! names contain the text, or one of its `|`-separated parts (for profiling; without fio the
 //! ratios are to the first engine kept). Not part of CI: the figures depend on the machine.
@@ -100,6 +102,9 @@ struct Options {
     engine: Option<String>,
     /// Only the workloads whose name contains this.
     workload: Option<String>,
+    /// Pin the thread that runs our engines' futures (the owner, in owner mode) to this CPU
+    /// while they run; fio and the disks' own threads stay unpinned.
+    pin: Option<usize>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -110,6 +115,7 @@ fn parse_options() -> Result<Options, String> {
         only: None,
         engine: None,
         workload: None,
+        pin: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -121,6 +127,7 @@ fn parse_options() -> Result<Options, String> {
             "--only" => options.only = Some(value()?),
             "--engine" => options.engine = Some(value()?),
             "--workload" => options.workload = Some(value()?),
+            "--pin" => options.pin = Some(value()?.parse().map_err(|_| "bad --pin")?),
             _ => return Err(format!("unknown argument {arg}")),
         }
     }
@@ -281,7 +288,9 @@ fn run_ours(
     memory: &GuestMemory,
     workload: &Workload,
     runtime: u64,
+    pin: Option<usize>,
 ) -> Figures {
+    let _pinned = pin.map(Pinned::to);
     let sector_size = disk.sector_size() as u64;
     let sectors_per_request = workload.block_size as u64 / sector_size;
     let positions = disk.sector_count() / sectors_per_request;
@@ -361,6 +370,28 @@ fn run_ours(
         p99_latency_us: p99 as f64 / 1000.0,
         user_us: per_request(user, usage_before.0),
         system_us: per_request(system, usage_before.1),
+    }
+}
+
+/// The calling thread pinned to one CPU until dropped, when its affinity is restored (so
+/// that the fio processes this thread starts later are not pinned).
+struct Pinned(nix::sched::CpuSet);
+
+impl Pinned {
+    fn to(cpu: usize) -> Self {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let before = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+        let mut one = CpuSet::new();
+        one.set(cpu).expect("--pin names a CPU");
+        sched_setaffinity(Pid::from_raw(0), &one).expect("sched_setaffinity");
+        Self(before)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
     }
 }
 
@@ -602,6 +633,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                         &memory,
                         workload,
                         options.runtime,
+                        options.pin,
                     ),
                 };
                 runs[i].push(figures);
