@@ -465,15 +465,9 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             .max()
             .unwrap_or(0),
     );
-    let register = |backend: &BlockDeviceDisk, fixed: bool| -> Result<(), String> {
-        if fixed {
-            backend
-                .register_fixed_buffers(&memory)
-                .map_err(|e| format!("register_fixed_buffers: {e}"))?;
-        }
-        Ok(())
-    };
-    let open = |completion_spin, completions, fixed| -> Result<Disk, String> {
+    // A backend of the device, with `memory` registered as fixed buffers if `fixed`
+    // (before an owner claims the ring, which any thread may do).
+    let open_backend = |completion_spin, completions, fixed| -> Result<BlockDeviceDisk, String> {
         let backend = BlockDeviceDisk::open(
             &device.path,
             &BlockDeviceOptions {
@@ -483,8 +477,15 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
             },
         )
         .map_err(|e| format!("open {}: {e}", device.path.display()))?;
-        register(&backend, fixed)?;
-        Disk::new(backend).map_err(|e| e.to_string())
+        if fixed {
+            backend
+                .register_fixed_buffers(&memory)
+                .map_err(|e| format!("register_fixed_buffers: {e}"))?;
+        }
+        Ok(backend)
+    };
+    let open = |completion_spin, completions, fixed| -> Result<Disk, String> {
+        Disk::new(open_backend(completion_spin, completions, fixed)?).map_err(|e| e.to_string())
     };
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -499,17 +500,8 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
     };
     // `Completions::Owner`: this thread owns the rings and drives their futures.
     let open_owner = |completion_spin, fixed| -> Result<(Disk, OwnerDriver), String> {
-        let backend = BlockDeviceDisk::open(
-            &device.path,
-            &BlockDeviceOptions {
-                completions: Completions::Owner,
-                completion_spin,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| format!("open {}: {e}", device.path.display()))?;
+        let backend = open_backend(completion_spin, Completions::Owner, fixed)?;
         let driver = backend.driver().map_err(|e| e.to_string())?;
-        register(&backend, fixed)?;
         Ok((Disk::new(backend).map_err(|e| e.to_string())?, driver))
     };
     let (owner_disk, owner_driver) = open_owner(Duration::ZERO, false)?;

@@ -211,6 +211,12 @@ const FIXED_BUFFERS_MAX: usize = 1 << 14;
 /// requests go the plain way.
 const MAX_RW_COUNT: usize = 0x7fff_f000;
 
+/// An empty slot of the kernel's buffer table (`NULL`, 0), which names no memory.
+const EMPTY_SLOT: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
 /// The host address ranges of the writable regions of `memory` in pieces of at most
 /// [`FIXED_BUFFER_MAX`] bytes, sorted, at most [`FIXED_BUFFERS_MAX`] of them. Read-only
 /// regions stay out: the kernel pins registered memory for writing.
@@ -474,11 +480,7 @@ impl FixedBuffers {
                 iov_base: start as *mut libc::c_void,
                 iov_len: end - start,
             },
-            // An empty slot (`NULL`, 0).
-            None => libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
+            None => EMPTY_SLOT,
         };
         let table_len = self.table_len as usize;
         if table_len > 0 && ranges.len() <= table_len {
@@ -544,14 +546,10 @@ impl FixedBuffers {
     /// Empties every slot of the kernel's table after a failed change, or, where a slot
     /// cannot be emptied, drops the table.
     fn clear(&mut self, ring: &IoUring) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
         let submitter = ring.submitter();
         for slot in 0..self.table_len {
             // SAFETY: an empty slot names no memory.
-            if unsafe { submitter.register_buffers_update(slot, &[empty], None) }.is_err() {
+            if unsafe { submitter.register_buffers_update(slot, &[EMPTY_SLOT], None) }.is_err() {
                 // Unregistering may wait for requests in flight (before 6.13), but it is
                 // the only way left to make the kernel let go of the memory.
                 if submitter.unregister_buffers().is_ok() {
@@ -1356,9 +1354,8 @@ impl Ring {
     }
 
     /// Collects the result of slot `index` (and whether its entry named a fixed buffer), or
-    /// records `waker`. Reaps completions inline
-    /// first, so a future polled by a busy executor finds its completion without waiting
-    /// for another thread to wake it.
+    /// records `waker`. Reaps completions inline first, so a future polled by a busy
+    /// executor finds its completion without waiting for another thread to wake it.
     fn poll_slot(&self, index: u32, waker: &Waker) -> Poll<(i32, Owned, bool)> {
         let shared = &*self.shared;
         let mut inline = InlineReap::default();

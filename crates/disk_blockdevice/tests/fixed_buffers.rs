@@ -12,9 +12,10 @@ use futures::executor::block_on;
 use guestmem::{GuestMemory, PAGE_SIZE, PAGE_SIZE64, PagedRange};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use request_buffers::RequestBuffers;
+use request_buffers::{MemoryRead, MemoryWrite, RequestBuffers};
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use support::{FileDisk, LoopDisk};
 
 const MIB: u64 = 1 << 20;
@@ -149,35 +150,34 @@ fn layout(rng: &mut impl Rng, len: usize, write: bool) -> Layout {
     }
 }
 
-/// Copies `data` into guest memory at `layout` (through the memory's own mappings, which
-/// also reach the read-only region: the test fills the file behind it).
+/// Copies `data` into guest memory at `layout`; the read-only region through the file behind
+/// it.
 fn fill(memory: &GuestMemory, layout: &Layout, data: &[u8], read_only: &File) {
     let range = PagedRange::new(layout.offset, data.len(), &layout.gpns).unwrap();
+    if layout.gpns[0] < READ_ONLY_FIRST {
+        RequestBuffers::new(memory, range, true)
+            .writer()
+            .write(data)
+            .unwrap();
+        return;
+    }
     let mut done = 0;
     for run in range.runs() {
         let (gpa, len) = run.unwrap();
-        let piece = &data[done..done + len];
-        if gpa >= READ_ONLY_FIRST * PAGE_SIZE64 {
-            use std::os::unix::fs::FileExt;
-            read_only
-                .write_all_at(piece, gpa - READ_ONLY_FIRST * PAGE_SIZE64)
-                .unwrap();
-        } else {
-            memory.write_at(gpa, piece).unwrap();
-        }
+        let at = gpa - READ_ONLY_FIRST * PAGE_SIZE64;
+        read_only.write_all_at(&data[done..done + len], at).unwrap();
         done += len;
     }
 }
 
+/// The `len` bytes of guest memory at `layout`.
 fn gather(memory: &GuestMemory, layout: &Layout, len: usize) -> Vec<u8> {
     let range = PagedRange::new(layout.offset, len, &layout.gpns).unwrap();
     let mut data = vec![0; len];
-    let mut done = 0;
-    for run in range.runs() {
-        let (gpa, len) = run.unwrap();
-        memory.read_at(gpa, &mut data[done..done + len]).unwrap();
-        done += len;
-    }
+    RequestBuffers::new(memory, range, false)
+        .reader()
+        .read(&mut data)
+        .unwrap();
     data
 }
 
