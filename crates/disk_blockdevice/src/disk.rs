@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// The largest [`BlockDeviceOptions::queue_depth`]: far beyond what a device uses, and within
+/// the kernel's limit on a ring's entries (32768) with the completion queue at twice the
+/// submission queue.
+pub const MAX_QUEUE_DEPTH: u32 = 16384;
+
 /// How to open a [`BlockDeviceDisk`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockDeviceOptions {
@@ -24,7 +29,7 @@ pub struct BlockDeviceOptions {
     /// bounce buffer.
     pub direct: bool,
     /// Submission queue entries, and so the most requests in flight at once (rounded up to
-    /// a power of two by the kernel). Default 256.
+    /// a power of two by the kernel). Default 256; 1 to [`MAX_QUEUE_DEPTH`].
     pub queue_depth: u32,
     /// Logical sector size of a regular file (a device reports its own). Default 512.
     pub file_sector_size: u32,
@@ -115,6 +120,12 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// [`BlockDeviceOptions::queue_depth`] is 0 or above [`MAX_QUEUE_DEPTH`].
+    #[error("queue depth {queue_depth} is not between 1 and {MAX_QUEUE_DEPTH}")]
+    QueueDepth {
+        /// The queue depth asked for.
+        queue_depth: u32,
+    },
     /// io_uring is unavailable or lacks an operation the disk needs.
     #[error("cannot set up io_uring")]
     Ring(#[source] RingError),
@@ -176,6 +187,11 @@ impl BlockDeviceDisk {
     /// Opens the block device or regular file at `path`.
     pub fn open(path: impl AsRef<Path>, options: &BlockDeviceOptions) -> Result<Self, OpenError> {
         let path = path.as_ref();
+        if !(1..=MAX_QUEUE_DEPTH).contains(&options.queue_depth) {
+            return Err(OpenError::QueueDepth {
+                queue_depth: options.queue_depth,
+            });
+        }
         let open = |write: bool| {
             let mut open = std::fs::OpenOptions::new();
             open.read(true).write(write);
@@ -261,7 +277,7 @@ impl BlockDeviceDisk {
         };
         let ring = Ring::new(
             std::os::fd::AsRawFd::as_raw_fd(&file),
-            options.queue_depth.max(1),
+            options.queue_depth,
             opcodes,
             options.completions,
             options.completion_spin,

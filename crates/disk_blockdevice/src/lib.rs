@@ -105,7 +105,7 @@ mod ring;
 mod sys;
 mod uevent;
 
-pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, OpenError};
+pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, MAX_QUEUE_DEPTH, OpenError};
 pub use resolve::BlockDeviceResolver;
 pub use ring::{Completions, FixedBufferStats, OwnerDriver, RingError};
 pub use sys::DeviceNumber;

@@ -1,7 +1,7 @@
 //! `blockdev(PATH, [ro], [buffered], [fixed_buffers], [queue_depth=N], [sector_size=BYTES],
 //! [spin_us=N], [completions=thread|tokio])`.
 
-use crate::{BlockDeviceDisk, BlockDeviceOptions, Completions};
+use crate::{BlockDeviceDisk, BlockDeviceOptions, Completions, MAX_QUEUE_DEPTH};
 use disk_backend::Disk;
 use disk_backend::resolve::{Args, ResolveContext, ResolveDisk, ResolveError};
 use std::time::Duration;
@@ -64,8 +64,10 @@ impl ResolveDisk for BlockDeviceResolver {
         let to_u32 = |value: u64, name: &str| {
             u32::try_from(value).map_err(|_| ctx.error(format!("`{name}` {value} is too large")))
         };
-        if queue_depth == 0 {
-            return Err(ctx.error("`queue_depth` must be at least 1"));
+        if !(1..=u64::from(MAX_QUEUE_DEPTH)).contains(&queue_depth) {
+            return Err(ctx.error(format!(
+                "`queue_depth` must be between 1 and {MAX_QUEUE_DEPTH}"
+            )));
         }
         let options = BlockDeviceOptions {
             read_only,
@@ -153,11 +155,15 @@ mod tests {
             ),
             (
                 format!("blockdev({path}, queue_depth=0)"),
-                "`queue_depth` must be at least 1",
+                "`queue_depth` must be between 1 and 16384",
+            ),
+            (
+                format!("blockdev({path}, queue_depth=16385)"),
+                "`queue_depth` must be between 1 and 16384",
             ),
             (
                 format!("blockdev({path}, queue_depth=5000000000)"),
-                "`queue_depth` 5000000000 is too large",
+                "`queue_depth` must be between 1 and 16384",
             ),
             (
                 format!("blockdev({path}, fast)"),

@@ -1046,9 +1046,17 @@ impl Ring {
             // would hold back the completions of a submitter that computes without entering
             // the kernel.
         }
-        let ring = builder
-            .build(entries + reserved)
-            .map_err(RingError::Setup)?;
+        // With `SUBMIT_ALL` (Linux 5.18) an entry the kernel fails to set up completes with
+        // its error instead of ending the submission there, leaving the entries after it
+        // queued; without it, `submit` notices what was left (see there).
+        builder.setup_submit_all();
+        let ring = match builder.build(entries + reserved) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !owner_mode => {
+                IoUring::builder().setup_cqsize(entries * 2).build(entries)
+            }
+            built => built,
+        }
+        .map_err(RingError::Setup)?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
@@ -1252,9 +1260,9 @@ impl Ring {
     }
 
     /// Moves `owned` into a free slot and pushes the submission entry, or registers `waker`
-    /// and hands `owned` back if every slot is in use. Returns the slot and whether this
-    /// entry opened a batch (its request must see that the batch gets submitted). Reaps
-    /// completions inline first, which may free a slot.
+    /// and hands `owned` back if every slot is in use. Returns the slot and whether the entry
+    /// joined a batch that its request must see submitted (not in owner mode, where the owner
+    /// submits). Reaps completions inline first, which may free a slot.
     fn start(
         &self,
         op: Op,
@@ -1315,42 +1323,57 @@ impl Ring {
             }
             return Ok((index, false));
         }
-        let leader = shared.queued.fetch_add(1, Ordering::SeqCst) == 0;
-        Ok((index, leader))
+        shared.queued.fetch_add(1, Ordering::SeqCst);
+        Ok((index, true))
     }
 
     /// Enters the kernel for every entry queued so far, unless another thread is doing so:
     /// that thread checks for entries queued during its call and submits them too, so
     /// concurrent submitters share one `io_uring_enter` per batch.
-    fn submit(&self) {
+    /// Returns `false` if entries were left in the submission queue (the call failed, with
+    /// `EAGAIN` say, or the kernel stopped at an entry it could not set up, which only
+    /// happens without `SUBMIT_ALL`): they stay counted in `queued`, so the next submitter
+    /// tries again, and the caller should see that one comes.
+    fn submit(&self) -> bool {
         let shared = &*self.shared;
         if let Some(owner) = &shared.owner {
             // Only the owner may enter the kernel; it does so when it next waits.
             owner.signal.wake_by_ref();
-            return;
+            return true;
         }
         loop {
             if shared.submitting.swap(true, Ordering::SeqCst) {
-                return;
+                return true;
             }
             shared.queued.store(0, Ordering::SeqCst);
-            // A failure (`EAGAIN`, `EBUSY`, `EINTR`) leaves the entries queued; the next
-            // submitter or the completion thread's next `io_uring_enter` submits them.
-            let _ = shared.ring.submit();
+            let left = shared.ring.submit().is_err() || !self.submission_queue_empty();
+            if left {
+                shared.queued.fetch_add(1, Ordering::SeqCst);
+            }
             shared.submitting.store(false, Ordering::SeqCst);
+            if left {
+                return false;
+            }
             // Someone may have queued an entry after our `io_uring_enter` read the queue and
             // seen `submitting` still set; this load sees their increment.
             if shared.queued.load(Ordering::SeqCst) == 0 {
-                return;
+                return true;
             }
         }
     }
 
-    /// Submits the open batch, if a submitter has not already taken it.
-    fn submit_batch(&self) {
-        if self.shared.queued.load(Ordering::SeqCst) > 0 {
-            self.submit();
-        }
+    /// Whether the kernel has taken every entry pushed so far.
+    fn submission_queue_empty(&self) -> bool {
+        let _table = self.shared.table.lock();
+        // SAFETY: the table lock makes this the only `SubmissionQueue`; only its head and
+        // tail are read.
+        unsafe { self.shared.ring.submission_shared() }.is_empty()
+    }
+
+    /// Submits the open batch, if a submitter has not already taken it; `false` if entries
+    /// were left queued (see [`Ring::submit`]).
+    fn submit_batch(&self) -> bool {
+        self.shared.queued.load(Ordering::SeqCst) == 0 || self.submit()
     }
 
     /// Collects the result of slot `index` (and whether its entry named a fixed buffer), or
@@ -1714,8 +1737,8 @@ enum Stage {
         /// May name a fixed buffer (not on the retry after `EFAULT`).
         fixed: bool,
     },
-    /// Pushed as the first entry of a batch, not yet submitted.
-    Leading(Pushed),
+    /// Pushed into a batch that may not be submitted yet.
+    Batched(Pushed),
     InFlight(Pushed),
     Finished,
 }
@@ -1741,14 +1764,18 @@ impl Future for Request<'_> {
                 fixed,
             } => {
                 match this.ring.start(op, owned, skip, fixed, cx.waker()) {
-                    // The first entry of a batch does not enter the kernel yet: it asks to
-                    // be polled again, so that the requests the executor polls meanwhile
-                    // (the rest of a queue refill) join the batch, and then submits them
-                    // all with one `io_uring_enter`. Later entries leave it to the leader.
-                    Ok((index, leader)) => {
+                    // The entry does not enter the kernel yet: the request asks to be
+                    // polled again, so that the requests the executor polls meanwhile (the
+                    // rest of a queue refill) join the batch; the first of them polled again
+                    // submits them all with one `io_uring_enter`, the others find nothing
+                    // left to submit. Every request of the batch waits for its own next poll
+                    // rather than leaving the batch to the first: a caller may hold that one
+                    // without polling it (a future kept across a `select!` loop) while it
+                    // awaits the others, which would then never be submitted.
+                    Ok((index, batched)) => {
                         let pushed = Pushed { index, op, skip };
-                        if leader {
-                            this.stage = Stage::Leading(pushed);
+                        if batched {
+                            this.stage = Stage::Batched(pushed);
                             cx.waker().wake_by_ref();
                         } else {
                             this.stage = Stage::InFlight(pushed);
@@ -1765,8 +1792,14 @@ impl Future for Request<'_> {
                 }
                 Poll::Pending
             }
-            Stage::Leading(pushed) => {
-                this.ring.submit_batch();
+            Stage::Batched(pushed) => {
+                if !this.ring.submit_batch() {
+                    // Entries were left queued: try again on the next poll, which nothing
+                    // else may bring.
+                    this.stage = Stage::Batched(pushed);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 this.stage = Stage::InFlight(pushed);
                 Pin::new(this).poll(cx)
             }
@@ -1804,8 +1837,8 @@ impl Future for Request<'_> {
 impl Drop for Request<'_> {
     fn drop(&mut self) {
         match self.stage {
-            Stage::Leading(pushed) => {
-                // Other requests may be waiting for this batch to be submitted.
+            Stage::Batched(pushed) => {
+                // The batch may still hold this entry, and other requests' entries.
                 self.ring.submit_batch();
                 self.ring.abandon(pushed.index);
             }
@@ -2253,6 +2286,49 @@ mod tests {
         ring.run(Op::Read { offset: u64::MAX }, lock(memory, len), skip)
     }
 
+    /// Every request of a batch sees it submitted on its own next poll: the first one may be
+    /// held unpolled (a future kept across a `select!` loop) while its caller awaits a later
+    /// one. When only the first submitted, the later one's entry stayed queued.
+    #[test]
+    fn a_batch_is_submitted_by_any_of_its_requests() {
+        let (read_end, write_end) = pipe();
+        let ring = thread_ring(&read_end);
+        let (first_memory, second_memory) = (memory(1), memory(1));
+        // The data is there from the start, so that a failed check below does not hang in
+        // the ring's drop, which waits for the reads.
+        nix::unistd::write(&write_end, &[7, 8]).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut first = pin!(read_into(&ring, &first_memory, 1, 0));
+        let mut second = pin!(read_into(&ring, &second_memory, 1, 0));
+        let queued = || ring.shared.queued.load(Ordering::SeqCst);
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(queued(), 2, "both entries wait in one batch");
+        // The second request's next poll submits the batch (and may find its read done);
+        // the first is not polled again until the end.
+        let polled = second.as_mut().poll(&mut cx);
+        assert_eq!(queued(), 0, "the batch was submitted");
+        {
+            let _table = ring.shared.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; only its length
+            // is read.
+            assert!(unsafe { ring.shared.ring.submission_shared() }.is_empty());
+        }
+        let (result, _) = match polled {
+            Poll::Ready(done) => done,
+            Poll::Pending => futures::executor::block_on(second),
+        };
+        assert_eq!(result.unwrap(), 1);
+        let (result, _) = futures::executor::block_on(first);
+        assert_eq!(result.unwrap(), 1);
+        let mut bytes = [
+            first_memory.read_plain::<u8>(0).unwrap(),
+            second_memory.read_plain::<u8>(0).unwrap(),
+        ];
+        bytes.sort_unstable();
+        assert_eq!(bytes, [7, 8]);
+    }
+
     /// A read in flight into registered memory completes into that memory although the
     /// registration changes meanwhile (the kernel keeps what a request uses; unregistering
     /// would wait for it on kernels before 6.13, and this test would hang there), requests
@@ -2339,7 +2415,7 @@ mod tests {
         let ring = thread_ring(&read_end);
         ring.register_memory(&first).unwrap();
         nix::unistd::write(&write_end, &[42]).unwrap();
-        // Pushed as the leader of a batch: not submitted until polled again.
+        // Pushed into a batch: not submitted until polled again.
         let mut read = pin!(read_into(&ring, &first, 1, 0));
         assert!(
             read.as_mut()

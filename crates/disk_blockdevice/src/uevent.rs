@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 /// The size of one block device as last read, and the futures waiting for it to change.
 #[derive(Debug)]
@@ -79,14 +79,19 @@ struct Listener {
     watches: Mutex<Vec<Weak<SizeWatch>>>,
 }
 
-static LISTENER: OnceLock<Result<Arc<Listener>, String>> = OnceLock::new();
+/// Started by the first watch. A failure to start it (out of descriptors or memory, say) is
+/// not kept: the next watch tries again.
+static LISTENER: Mutex<Option<Arc<Listener>>> = Mutex::new(None);
 
 /// Starts watching `watch`'s device for resizes; the watch ends when it is dropped.
 pub(crate) fn watch(watch: &Arc<SizeWatch>) -> io::Result<()> {
-    let listener = LISTENER
-        .get_or_init(|| start().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|message| io::Error::other(message.clone()))?;
+    let listener = {
+        let mut listener = LISTENER.lock();
+        match &*listener {
+            Some(started) => started.clone(),
+            None => listener.insert(start()?).clone(),
+        }
+    };
     let mut watches = listener.watches.lock();
     watches.retain(|w| w.strong_count() > 0);
     watches.push(Arc::downgrade(watch));

@@ -5,7 +5,7 @@
 mod support;
 
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
-use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions};
+use disk_blockdevice::{BlockDeviceDisk, BlockDeviceOptions, Completions};
 use disk_conformance::pattern;
 use futures::executor::block_on;
 use request_buffers::OwnedRequestBuffers;
@@ -537,6 +537,36 @@ fn open_errors() {
         ),
         Err(disk_blockdevice::OpenError::InvalidSectorSize { logical: 1000, .. })
     ));
+    // Queue depths: 0 and anything past the limit are refused (a depth near `u32::MAX`
+    // overflowed the ring's size computation), the limit itself opens, in every mode.
+    let max = disk_blockdevice::MAX_QUEUE_DEPTH;
+    for completions in [Completions::Thread, Completions::Owner] {
+        for (queue_depth, fine) in [
+            (0, false),
+            (1, true),
+            (max, true),
+            (max + 1, false),
+            (u32::MAX, false),
+        ] {
+            let opened = BlockDeviceDisk::open(
+                &file,
+                &BlockDeviceOptions {
+                    direct: false,
+                    queue_depth,
+                    completions,
+                    ..Default::default()
+                },
+            );
+            match opened {
+                Ok(_) => assert!(fine, "queue depth {queue_depth} opened"),
+                Err(disk_blockdevice::OpenError::QueueDepth { queue_depth: got }) => {
+                    assert!(!fine, "queue depth {queue_depth} refused");
+                    assert_eq!(got, queue_depth);
+                }
+                Err(e) => panic!("queue depth {queue_depth}: {e}"),
+            }
+        }
+    }
     // The disk can be shared and dropped from any thread.
     let disk = Arc::new(
         BlockDeviceDisk::open(

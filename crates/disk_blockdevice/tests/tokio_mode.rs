@@ -115,6 +115,40 @@ fn poll_once<F: Future>(future: Pin<&mut F>) -> bool {
     future.poll(&mut cx).is_pending()
 }
 
+/// A request polled once and then held without being polled again (a future kept across a
+/// `select!` loop) does not hold back the requests after it. In tokio mode nothing but the
+/// requests' own polls submits their entries (the runtime's task only reaps), and when only
+/// the first request of a batch submitted it, the next one waited forever.
+#[test]
+fn a_held_request_does_not_hold_back_the_next() {
+    let Some(file) = ({
+        let _context = RUNTIME.enter();
+        FileDisk::new(MIB, &tokio_options())
+    }) else {
+        return;
+    };
+    let held_target = OwnedRequestBuffers::new(4096);
+    let held_buffers = held_target.buffers(true);
+    let mut held = std::pin::pin!(file.disk.read_vectored(&held_buffers, 0));
+    assert!(poll_once(held.as_mut()));
+    let (done, finished) = std::sync::mpsc::channel();
+    let disk = file.disk.clone();
+    std::thread::spawn(move || {
+        let target = OwnedRequestBuffers::new(4096);
+        let result = block_on(disk.read_vectored(&target.buffers(true), 8));
+        let _ = done.send(result.is_ok());
+    });
+    // A deadline far beyond what a read takes, so that the bug fails the test instead of
+    // hanging it.
+    let next = finished.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(
+        next,
+        Ok(true),
+        "the next read completes while the first is held"
+    );
+    assert!(block_on(held).is_ok());
+}
+
 /// Starts direct reads of 1 MiB, drops each future right after submission together with its
 /// buffers, reuses the memory, then drops the disk; returns how many reads were in flight
 /// when dropped. Panics if the kernel wrote into memory handed back early. Nothing here

@@ -119,6 +119,18 @@ pub enum RequestError {
     /// The kick thread could not start.
     #[error("cannot start a kick thread")]
     Thread(#[source] std::io::Error),
+    /// A kick file descriptor could not be made non-blocking.
+    #[error("queue {index}: unusable kick file descriptor")]
+    KickFd {
+        /// The queue.
+        index: u8,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A call file descriptor could not be made non-blocking.
+    #[error("unusable call file descriptor")]
+    CallFd(#[source] std::io::Error),
     /// A request for a protocol feature the backend does not offer.
     #[error("{0} is not supported")]
     Unsupported(&'static str),
@@ -531,13 +543,13 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
         let old = session.vrings[i].kick.take();
         drop(old);
         let poll_max = Duration::from_nanos(self.poll_max_ns.load(Ordering::Relaxed));
-        let worker = KickWorker::start(
-            u16::from(index),
-            OwnedFd::from(fd),
-            self.device.clone(),
-            poll_max,
-        )
-        .map_err(RequestError::Thread)?;
+        // A blocking kick fd could block the kick thread in `read` (a frontend that drains
+        // the eventfd itself between our `poll` and our `read`), and its drop at disconnect
+        // would then wait for the next kick forever.
+        let fd = OwnedFd::from(fd);
+        set_nonblocking(&fd).map_err(|source| RequestError::KickFd { index, source })?;
+        let worker = KickWorker::start(u16::from(index), fd, self.device.clone(), poll_max)
+            .map_err(RequestError::Thread)?;
         session.vrings[i].kick = Some(worker);
         self.apply_reply(&mut session, false)?;
         if session.live[i] {
@@ -548,7 +560,10 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     }
 
     fn set_vring_call(&self, index: u8, fd: Option<File>) -> Result<()> {
-        let line = fd.map(|file| IrqLine::eventfd(OwnedFd::from(file)));
+        let line = fd
+            .map(|file| IrqLine::eventfd(OwnedFd::from(file)))
+            .transpose()
+            .map_err(RequestError::CallFd)?;
         if self.interrupt.set_call(index.into(), line) {
             Ok(())
         } else {
@@ -675,4 +690,12 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     fn set_log_base(&self, _log: &VhostUserLog, _file: File) -> Result<()> {
         Err(RequestError::Unsupported("LOG_SHMFD").into())
     }
+}
+
+/// Sets `O_NONBLOCK` on `fd`'s open file (shared with the frontend, which passed it).
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }

@@ -124,11 +124,17 @@ fn watch(
             return;
         }
         if !kicked.contains(PollFlags::POLLIN) {
-            continue;
+            if kicked.is_empty() {
+                continue;
+            }
+            // Hung up with nothing to read (a pipe whose writer is gone): it would report
+            // this at once forever, so polling again would spin. Stop watching.
+            return;
         }
-        // Resets the eventfd's counter. Anything else the frontend might have passed (a pipe
-        // at end of file, a regular file) reads 0 bytes or fails: stop watching it rather
-        // than spin.
+        // Resets the eventfd's counter (the descriptor is non-blocking, so a counter the
+        // frontend drained meanwhile is `EAGAIN`). Anything else the frontend might have
+        // passed (a pipe at end of file, a regular file) reads 0 bytes or fails: stop
+        // watching it rather than spin.
         match nix::unistd::read(kick, &mut buf) {
             Ok(0) => return,
             Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {}
@@ -142,6 +148,28 @@ fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use disk_backend::Disk;
+    use disk_ram::RamDisk;
+    use virtio_block::BlockConfig;
+
+    /// A kick fd that reports a hang-up and nothing to read (a pipe whose writer is gone)
+    /// ends the thread; it used to poll again at once, forever, on a whole core.
+    #[test]
+    fn a_kick_fd_that_hung_up_ends_the_thread() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        drop(write_end);
+        let disk = Disk::new(RamDisk::new(64, 512).unwrap()).unwrap();
+        let device = BlockDevice::new(BlockConfig::default(), disk).unwrap();
+        let mut worker =
+            KickWorker::start(0, read_end, Arc::new(Mutex::new(device)), Duration::ZERO).unwrap();
+        let thread = worker.thread.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() {
+            // On failure, dropping the worker stops the thread through its stop eventfd.
+            assert!(Instant::now() < deadline, "the kick thread still runs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 
     #[test]
     fn the_window_grows_while_kicks_come_soon_and_drops_when_they_stop() {

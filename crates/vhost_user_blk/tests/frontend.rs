@@ -53,6 +53,34 @@ fn requests_round_trip_through_translated_rings() {
     assert!(!backend.is_running(0), "a disconnect resets the device");
 }
 
+/// A call fd that blocks when full (here a blocking eventfd at its maximum, which its
+/// frontend never reads) does not stall the backend: the interrupt's write fails instead of
+/// blocking the thread that completes the request, and the session keeps answering. A
+/// blocked write used to hang the kick thread and, through it, the next ring message.
+#[test]
+fn a_full_blocking_call_fd_does_not_stall_the_backend() {
+    let backend = ram_backend(64, 1);
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate();
+    fe.start_queue(0, 0).expect("start queue 0");
+    let blocking = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+    blocking.write(u64::MAX - 1).expect("fill the counter");
+    fe.frontend
+        .set_vring_call(0, &blocking)
+        .expect("set the call fd");
+    let (done, finished) = std::sync::mpsc::channel();
+    // On its own thread, so that a hang fails the test at the deadline instead.
+    std::thread::spawn(move || {
+        let status = fe.write(0, 0, &[1; 512]);
+        let base = fe.frontend.get_vring_base(0).ok();
+        fe.disconnect();
+        let _ = done.send((status, base));
+    });
+    let answered = finished.recv_timeout(Duration::from_secs(20));
+    assert_eq!(answered, Ok((blk::S_OK, Some(1))));
+    drop(blocking);
+}
+
 #[test]
 fn requests_are_served_with_polling_off_and_at_its_longest() {
     // Off, the kick thread sleeps after every kick; with a long window it keeps polling

@@ -63,15 +63,21 @@ impl IrqLine {
     }
 
     /// A line that adds 1 to the eventfd `fd` each time the device interrupts (8 bytes,
-    /// native endian, as eventfd expects).
+    /// native endian, as eventfd expects; a pipe works too).
     ///
-    /// A failed write is dropped: the only failure of a valid eventfd is a counter at its
-    /// maximum, which means the interrupt is already pending.
-    pub fn eventfd(fd: OwnedFd) -> Self {
+    /// `fd` is made non-blocking (`O_NONBLOCK`; the flag belongs to the open file, so it
+    /// holds for every descriptor of it, the sender's too), so that a full counter or pipe
+    /// makes a write fail rather than block the thread that completes requests. A failed
+    /// write is dropped: it means the interrupt is pending already (a counter at its maximum,
+    /// a pipe nobody reads). Fails if the flag cannot be set (not an open descriptor).
+    pub fn eventfd(fd: OwnedFd) -> std::io::Result<Self> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         let file = std::fs::File::from(fd);
-        Self::new(move || {
+        Ok(Self::new(move || {
             let _ = (&file).write(&1u64.to_ne_bytes());
-        })
+        }))
     }
 
     /// Raises the line.

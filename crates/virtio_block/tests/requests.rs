@@ -704,11 +704,34 @@ fn snapshot_waits_for_requests_in_flight() {
 #[test]
 fn eventfd_line_writes_the_counter() {
     let (mut reader, writer) = std::io::pipe().unwrap();
-    let line = IrqLine::eventfd(writer.into());
+    let line = IrqLine::eventfd(writer.into()).unwrap();
     line.raise();
     let mut value = [0u8; 8];
     reader.read_exact(&mut value).unwrap();
     assert_eq!(u64::from_ne_bytes(value), 1);
+}
+
+/// A line over a pipe nobody reads (blocking, as passed) never blocks the raising thread:
+/// once the pipe is full the writes fail and are dropped.
+#[test]
+fn an_eventfd_line_never_blocks_on_a_full_pipe() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let line = IrqLine::eventfd(writer.into()).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Far more than a pipe holds (64 KiB by default: 8192 raises).
+        for _ in 0..100_000 {
+            line.raise();
+        }
+        let _ = done.send(());
+    });
+    // A deadline far beyond what the raises take, so that blocking fails the test.
+    assert!(
+        finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .is_ok()
+    );
+    drop(reader);
 }
 
 #[test]
