@@ -85,17 +85,24 @@ static LISTENER: Mutex<Option<Arc<Listener>>> = Mutex::new(None);
 
 /// Starts watching `watch`'s device for resizes; the watch ends when it is dropped.
 pub(crate) fn watch(watch: &Arc<SizeWatch>) -> io::Result<()> {
-    let listener = {
-        let mut listener = LISTENER.lock();
-        match &*listener {
-            Some(started) => started.clone(),
-            None => listener.insert(start()?).clone(),
-        }
-    };
+    let listener = started(&LISTENER, start)?;
     let mut watches = listener.watches.lock();
     watches.retain(|w| w.strong_count() > 0);
     watches.push(Arc::downgrade(watch));
     Ok(())
+}
+
+/// What `slot` holds, or what `start` makes of it if it holds nothing yet; a failure leaves
+/// it empty, for the next call to try again.
+fn started<T>(
+    slot: &Mutex<Option<Arc<T>>>,
+    start: impl FnOnce() -> io::Result<Arc<T>>,
+) -> io::Result<Arc<T>> {
+    let mut slot = slot.lock();
+    match &*slot {
+        Some(started) => Ok(started.clone()),
+        None => Ok(slot.insert(start()?).clone()),
+    }
 }
 
 /// `struct sockaddr_nl`.
@@ -241,6 +248,20 @@ pub(crate) fn parse_change(message: &[u8]) -> Option<DeviceNumber> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed start is not kept: the next call starts again, and a started value is kept.
+    #[test]
+    fn a_failed_start_is_tried_again() {
+        let slot = Mutex::new(None);
+        let failed = started(&slot, || Err(io::Error::from_raw_os_error(libc::EMFILE)));
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EMFILE));
+        let first = started(&slot, || Ok(Arc::new(1))).unwrap();
+        let again = started(&slot, || -> io::Result<Arc<i32>> {
+            panic!("started twice")
+        })
+        .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+    }
 
     #[test]
     fn parses_a_resize_event() {
