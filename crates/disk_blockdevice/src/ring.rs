@@ -1330,10 +1330,9 @@ impl Ring {
     /// Enters the kernel for every entry queued so far, unless another thread is doing so:
     /// that thread checks for entries queued during its call and submits them too, so
     /// concurrent submitters share one `io_uring_enter` per batch.
-    /// Returns `false` if entries were left in the submission queue (the call failed, with
-    /// `EAGAIN` say, or the kernel stopped at an entry it could not set up, which only
-    /// happens without `SUBMIT_ALL`): they stay counted in `queued`, so the next submitter
-    /// tries again, and the caller should see that one comes.
+    /// Returns `false` if the kernel kept refusing entries (see [`Ring::enter_queued`]):
+    /// they stay in the submission queue and counted in `queued`, so the next submitter
+    /// tries again; a request that gets `false` asks to be polled again for that.
     fn submit(&self) -> bool {
         let shared = &*self.shared;
         if let Some(owner) = &shared.owner {
@@ -1346,12 +1345,12 @@ impl Ring {
                 return true;
             }
             shared.queued.store(0, Ordering::SeqCst);
-            let left = shared.ring.submit().is_err() || !self.submission_queue_empty();
-            if left {
+            let taken = self.enter_queued();
+            if !taken {
                 shared.queued.fetch_add(1, Ordering::SeqCst);
             }
             shared.submitting.store(false, Ordering::SeqCst);
-            if left {
+            if !taken {
                 return false;
             }
             // Someone may have queued an entry after our `io_uring_enter` read the queue and
@@ -1362,12 +1361,37 @@ impl Ring {
         }
     }
 
-    /// Whether the kernel has taken every entry pushed so far.
-    fn submission_queue_empty(&self) -> bool {
-        let _table = self.shared.table.lock();
-        // SAFETY: the table lock makes this the only `SubmissionQueue`; only its head and
-        // tail are read.
-        unsafe { self.shared.ring.submission_shared() }.is_empty()
+    /// Submits what the submission queue holds, and returns whether the kernel took it all.
+    /// The kernel may take only part of it: `io_uring_enter` fails with `EAGAIN` (no memory
+    /// for a request) or `EINTR`, or, without `SUBMIT_ALL` (before Linux 5.18), it stops
+    /// after an entry it could not set up. A few more tries, yielding in between, cover the
+    /// transient cases. Entries other threads push meanwhile count as taken: their own
+    /// `queued` increment sends their submitter round again.
+    fn enter_queued(&self) -> bool {
+        /// Tries before the entries are left for the next submitter.
+        const TRIES: usize = 16;
+        for _ in 0..TRIES {
+            let waiting = {
+                let _table = self.shared.table.lock();
+                // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
+                // head and tail are read.
+                unsafe { self.shared.ring.submission_shared() }.len()
+            };
+            if waiting == 0 {
+                return true;
+            }
+            // The kernel takes entries in order, at least `waiting` are offered to it, and
+            // it reports how many it took.
+            match self.shared.ring.submit() {
+                Ok(taken) if taken >= waiting => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                    std::thread::yield_now();
+                }
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// Submits the open batch, if a submitter has not already taken it; `false` if entries
