@@ -602,9 +602,41 @@ struct Table {
     /// Futures waiting for a free slot; all are woken when one frees (a waiter may have been
     /// dropped, so waking only one could strand the others).
     waiting: VecDeque<Waker>,
+    /// Entries ever pushed onto the submission queue, wrapping: every push goes through
+    /// [`Table::push`], so this equals the queue's tail.
+    pushed: u32,
 }
 
 impl Table {
+    /// Pushes `entry` onto `ring`'s submission queue and returns its position: the number of
+    /// entries pushed so far, which the kernel's head reaches once it has taken this one.
+    ///
+    /// # Safety
+    ///
+    /// As [`io_uring::SubmissionQueue::push`]: the memory `entry` points to stays valid until
+    /// its completion. Holding the table (`&mut self`, behind its lock) makes this the only
+    /// `SubmissionQueue` of the ring.
+    unsafe fn push(
+        &mut self,
+        ring: &IoUring,
+        entry: &squeue::Entry,
+    ) -> Result<u32, squeue::PushError> {
+        // SAFETY: the caller's promise, and the table lock (see above).
+        unsafe { ring.submission_shared().push(entry) }?;
+        self.pushed = self.pushed.wrapping_add(1);
+        Ok(self.pushed)
+    }
+
+    /// Whether the kernel has taken the entry [`Table::push`] put at `position`.
+    fn taken(&self, ring: &IoUring, position: u32) -> bool {
+        // SAFETY: holding the table makes this the only `SubmissionQueue`; only its head and
+        // tail are read.
+        let waiting = unsafe { ring.submission_shared() }.len() as u32;
+        let head = self.pushed.wrapping_sub(waiting);
+        // Positions in the queue are within its size of the head, far from wrapping.
+        head.wrapping_sub(position) as i32 >= 0
+    }
+
     /// Frees `index` and returns its memory, which the caller drops outside the lock.
     fn release(&mut self, index: u32) -> Owned {
         let slot = &mut self.slots[index as usize];
@@ -848,11 +880,11 @@ impl Shared {
                     .multi(true)
                     .build()
                     .user_data(EVENT_TOKEN);
-            let table = self.table.lock();
+            let mut table = self.table.lock();
             // An entry beyond the slots is kept free for the poll (two more for the timeout).
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; the poll
-            // references no memory, only the eventfd, which the kernel holds a reference to.
-            let pushed = unsafe { self.ring.submission_shared().push(&poll) };
+            // SAFETY: the poll references no memory, only the eventfd, which the kernel holds
+            // a reference to.
+            let pushed = unsafe { table.push(&self.ring, &poll) };
             drop(table);
             if pushed.is_err() {
                 // Not expected; try again at the next wait.
@@ -932,11 +964,11 @@ impl Shared {
                 .flags(types::TimeoutFlags::MULTISHOT)
                 .build()
                 .user_data(TIMER_TOKEN);
-            let table = self.table.lock();
+            let mut table = self.table.lock();
             // Entries beyond the slots are kept free for the timeout and its removal.
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; the kernel copies
-            // `owner.tick` (alive as long as `self`) when the owner submits the entry.
-            let pushed = unsafe { self.ring.submission_shared().push(&timeout) };
+            // SAFETY: the kernel copies `owner.tick` (alive as long as `self`) when the owner
+            // submits the entry.
+            let pushed = unsafe { table.push(&self.ring, &timeout) };
             drop(table);
             owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
             if pushed.is_err() {
@@ -951,10 +983,10 @@ impl Shared {
             let remove = opcode::TimeoutRemove::new(TIMER_TOKEN)
                 .build()
                 .user_data(TIMER_REMOVE_TOKEN);
-            let table = self.table.lock();
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; the entry
-            // references no memory. An entry beyond the slots is kept free for it.
-            let pushed = unsafe { self.ring.submission_shared().push(&remove) };
+            let mut table = self.table.lock();
+            // SAFETY: the entry references no memory. An entry beyond the slots is kept free
+            // for it.
+            let pushed = unsafe { table.push(&self.ring, &remove) };
             drop(table);
             // If the push failed (not expected), the next idle wait tries again.
             owner
@@ -1117,6 +1149,7 @@ impl Ring {
             fixed,
             outstanding: 0,
             waiting: VecDeque::new(),
+            pushed: 0,
         };
         let shared = Arc::new(Shared {
             ring,
@@ -1260,9 +1293,9 @@ impl Ring {
     }
 
     /// Moves `owned` into a free slot and pushes the submission entry, or registers `waker`
-    /// and hands `owned` back if every slot is in use. Returns the slot and whether the entry
-    /// joined a batch that its request must see submitted (not in owner mode, where the owner
-    /// submits). Reaps completions inline first, which may free a slot.
+    /// and hands `owned` back if every slot is in use. Returns the slot, the entry's position
+    /// in the submission queue, and whether its request must see it submitted (not in owner
+    /// mode, where the owner submits). Reaps completions inline first, which may free a slot.
     fn start(
         &self,
         op: Op,
@@ -1270,7 +1303,7 @@ impl Ring {
         skip: usize,
         allow_fixed: bool,
         waker: &Waker,
-    ) -> Result<(u32, bool), Owned> {
+    ) -> Result<(u32, u32, bool), Owned> {
         let shared = &*self.shared;
         let mut inline = InlineReap::default();
         let mut table = shared.table.lock();
@@ -1300,10 +1333,9 @@ impl Ring {
         // there are no more slots than submission queue entries, so a full queue is not
         // expected (the owner mode's eventfd poll and timeout have entries of their own; a
         // failed push is handled below).
-        // SAFETY: the table lock serializes every producer of the submission queue, so this
-        // is the only `SubmissionQueue` alive; the entry's memory outlives it (above).
-        let pushed = unsafe { shared.ring.submission_shared().push(&entry) };
-        if pushed.is_err() {
+        // SAFETY: the entry's memory outlives it (above).
+        let pushed = unsafe { table.push(&shared.ring, &entry) };
+        let Ok(position) = pushed else {
             // Not expected (see above); give the slot back and retry from the executor.
             table.outstanding -= 1;
             let owned = table.release(index);
@@ -1312,7 +1344,7 @@ impl Ring {
             self.submit();
             waker.wake_by_ref();
             return Err(owned);
-        }
+        };
         table.fixed.requests += u64::from(buffer.is_some());
         drop(table);
         inline.wake();
@@ -1321,28 +1353,28 @@ impl Ring {
             if !shared.on_owner_thread() {
                 owner.signal.wake_by_ref();
             }
-            return Ok((index, false));
+            return Ok((index, position, false));
         }
         shared.queued.fetch_add(1, Ordering::SeqCst);
-        Ok((index, true))
+        Ok((index, position, true))
     }
 
     /// Enters the kernel for every entry queued so far, unless another thread is doing so:
     /// that thread checks for entries queued during its call and submits them too, so
-    /// concurrent submitters share one `io_uring_enter` per batch.
-    /// Returns `false` if the kernel kept refusing entries (see [`Ring::enter_queued`]):
-    /// they stay in the submission queue and counted in `queued`, so the next submitter
-    /// tries again; a request that gets `false` asks to be polled again for that.
-    fn submit(&self) -> bool {
+    /// concurrent submitters share one `io_uring_enter` per batch. If the kernel keeps
+    /// refusing entries (see [`Ring::enter_queued`]), they stay in the submission queue and
+    /// counted in `queued`; each request sees to its own entry (`Stage::Batched`), so the next
+    /// poll of a request whose entry is still there tries again.
+    fn submit(&self) {
         let shared = &*self.shared;
         if let Some(owner) = &shared.owner {
             // Only the owner may enter the kernel; it does so when it next waits.
             owner.signal.wake_by_ref();
-            return true;
+            return;
         }
         loop {
             if shared.submitting.swap(true, Ordering::SeqCst) {
-                return true;
+                return;
             }
             shared.queued.store(0, Ordering::SeqCst);
             let taken = self.enter_queued();
@@ -1350,13 +1382,10 @@ impl Ring {
                 shared.queued.fetch_add(1, Ordering::SeqCst);
             }
             shared.submitting.store(false, Ordering::SeqCst);
-            if !taken {
-                return false;
-            }
             // Someone may have queued an entry after our `io_uring_enter` read the queue and
             // seen `submitting` still set; this load sees their increment.
-            if shared.queued.load(Ordering::SeqCst) == 0 {
-                return true;
+            if !taken || shared.queued.load(Ordering::SeqCst) == 0 {
+                return;
             }
         }
     }
@@ -1365,8 +1394,8 @@ impl Ring {
     /// The kernel may take only part of it: `io_uring_enter` fails with `EAGAIN` (no memory
     /// for a request) or `EINTR`, or, without `SUBMIT_ALL` (before Linux 5.18), it stops
     /// after an entry it could not set up. A few more tries, yielding in between, cover the
-    /// transient cases. Entries other threads push meanwhile count as taken: their own
-    /// `queued` increment sends their submitter round again.
+    /// transient cases. Entries other threads push meanwhile do not count: their own
+    /// `queued` increment sends this submitter round again.
     fn enter_queued(&self) -> bool {
         /// Tries before the entries are left for the next submitter.
         const TRIES: usize = 16;
@@ -1384,7 +1413,7 @@ impl Ring {
             // it reports how many it took.
             match self.shared.ring.submit() {
                 Ok(taken) if taken >= waiting => return true,
-                Ok(_) => {}
+                Ok(_) => std::thread::yield_now(),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
                     std::thread::yield_now();
                 }
@@ -1394,10 +1423,16 @@ impl Ring {
         false
     }
 
-    /// Submits the open batch, if a submitter has not already taken it; `false` if entries
-    /// were left queued (see [`Ring::submit`]).
-    fn submit_batch(&self) -> bool {
-        self.shared.queued.load(Ordering::SeqCst) == 0 || self.submit()
+    /// Submits the open batch, if a submitter has not already taken it.
+    fn submit_batch(&self) {
+        if self.shared.queued.load(Ordering::SeqCst) > 0 {
+            self.submit();
+        }
+    }
+
+    /// Whether the kernel has taken the entry at `position` (from [`Table::push`]).
+    fn taken(&self, position: u32) -> bool {
+        self.shared.table.lock().taken(&self.shared.ring, position)
     }
 
     /// Collects the result of slot `index` (and whether its entry named a fixed buffer), or
@@ -1592,10 +1627,9 @@ impl Drop for Ring {
         // completion has arrived, so no buffer the kernel may use is freed before that.
         let nop = opcode::Nop::new().build().user_data(WAKE_TOKEN);
         loop {
-            let table = shared.table.lock();
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; a no-op
-            // references no memory.
-            let pushed = unsafe { shared.ring.submission_shared().push(&nop) };
+            let mut table = shared.table.lock();
+            // SAFETY: a no-op references no memory.
+            let pushed = unsafe { table.push(&shared.ring, &nop) };
             drop(table);
             if pushed.is_ok() {
                 break;
@@ -1767,10 +1801,12 @@ enum Stage {
     Finished,
 }
 
-/// A request whose entry is pushed: its slot, and what a retry needs.
+/// A request whose entry is pushed: its slot, its position in the submission queue, and
+/// what a retry needs.
 #[derive(Debug, Clone, Copy)]
 struct Pushed {
     index: u32,
+    position: u32,
     op: Op,
     skip: usize,
 }
@@ -1791,13 +1827,19 @@ impl Future for Request<'_> {
                     // The entry does not enter the kernel yet: the request asks to be
                     // polled again, so that the requests the executor polls meanwhile (the
                     // rest of a queue refill) join the batch; the first of them polled again
-                    // submits them all with one `io_uring_enter`, the others find nothing
-                    // left to submit. Every request of the batch waits for its own next poll
-                    // rather than leaving the batch to the first: a caller may hold that one
-                    // without polling it (a future kept across a `select!` loop) while it
-                    // awaits the others, which would then never be submitted.
-                    Ok((index, batched)) => {
-                        let pushed = Pushed { index, op, skip };
+                    // submits them all with one `io_uring_enter`, the others find their
+                    // entries taken. Every request answers for its own entry rather than
+                    // leaving it to another: a caller may hold the first without polling it
+                    // (a future kept across a `select!` loop) while it awaits the others, and
+                    // a submitter may fail, or be dropped, after another request left its
+                    // entry to it.
+                    Ok((index, position, batched)) => {
+                        let pushed = Pushed {
+                            index,
+                            position,
+                            op,
+                            skip,
+                        };
                         if batched {
                             this.stage = Stage::Batched(pushed);
                             cx.waker().wake_by_ref();
@@ -1817,12 +1859,15 @@ impl Future for Request<'_> {
                 Poll::Pending
             }
             Stage::Batched(pushed) => {
-                if !this.ring.submit_batch() {
-                    // Entries were left queued: try again on the next poll, which nothing
-                    // else may bring.
-                    this.stage = Stage::Batched(pushed);
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                if !this.ring.taken(pushed.position) {
+                    this.ring.submit_batch();
+                    if !this.ring.taken(pushed.position) {
+                        // Another thread is submitting, or the kernel refused the entry for
+                        // now: look again on the next poll, which nothing else may bring.
+                        this.stage = Stage::Batched(pushed);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 this.stage = Stage::InFlight(pushed);
                 Pin::new(this).poll(cx)
@@ -2351,6 +2396,49 @@ mod tests {
         ];
         bytes.sort_unstable();
         assert_eq!(bytes, [7, 8]);
+    }
+
+    /// A request whose entry another submitter was to take stays responsible for it: while
+    /// that submitter is in the kernel (and might fail, or leave later entries behind), the
+    /// request asks to be polled again instead of leaving its entry to it.
+    #[test]
+    fn a_request_sees_its_own_entry_submitted() {
+        let (read_end, write_end) = pipe();
+        let ring = thread_ring(&read_end);
+        let memory = memory(1);
+        nix::unistd::write(&write_end, &[5]).unwrap();
+        let woken = Arc::new(AtomicUsize::new(0));
+        struct Count(Arc<AtomicUsize>);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let waker = Waker::from(Arc::new(Count(woken.clone())));
+        let mut cx = Context::from_waker(&waker);
+        let mut read = pin!(read_into(&ring, &memory, 1, 0));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        // Another thread holds the submission (it may fail without taking this entry).
+        ring.shared.submitting.store(true, Ordering::SeqCst);
+        let before = woken.load(Ordering::SeqCst);
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        let waiting = {
+            let _table = ring.shared.table.lock();
+            // SAFETY: the table lock makes this the only `SubmissionQueue`; only its length
+            // is read.
+            !unsafe { ring.shared.ring.submission_shared() }.is_empty()
+        };
+        // (The completion thread's timed wait, every 100 ms, may have taken the entry in
+        // the microseconds between the two polls; then there is nothing to wait for.)
+        assert!(
+            !waiting || woken.load(Ordering::SeqCst) == before + 1,
+            "the request asks to be polled again while its entry waits"
+        );
+        // That submitter gave up (here: without entering the kernel at all).
+        ring.shared.submitting.store(false, Ordering::SeqCst);
+        let (result, _) = futures::executor::block_on(read);
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(memory.read_plain::<u8>(0).unwrap(), 5);
     }
 
     /// A read in flight into registered memory completes into that memory although the
