@@ -602,9 +602,10 @@ struct Table {
     /// Futures waiting for a free slot; all are woken when one frees (a waiter may have been
     /// dropped, so waking only one could strand the others).
     waiting: VecDeque<Waker>,
-    /// Entries ever pushed onto the submission queue, wrapping: every push goes through
-    /// [`Table::push`], so this equals the queue's tail.
-    pushed: u32,
+    /// Entries ever pushed onto the submission queue: every push goes through
+    /// [`Table::push`], so this is the queue's tail (which wraps at 32 bits; this does not,
+    /// so that a request held unpolled for billions of pushes still compares right).
+    pushed: u64,
 }
 
 impl Table {
@@ -620,21 +621,19 @@ impl Table {
         &mut self,
         ring: &IoUring,
         entry: &squeue::Entry,
-    ) -> Result<u32, squeue::PushError> {
+    ) -> Result<u64, squeue::PushError> {
         // SAFETY: the caller's promise, and the table lock (see above).
         unsafe { ring.submission_shared().push(entry) }?;
-        self.pushed = self.pushed.wrapping_add(1);
+        self.pushed += 1;
         Ok(self.pushed)
     }
 
     /// Whether the kernel has taken the entry [`Table::push`] put at `position`.
-    fn taken(&self, ring: &IoUring, position: u32) -> bool {
+    fn taken(&self, ring: &IoUring, position: u64) -> bool {
         // SAFETY: holding the table makes this the only `SubmissionQueue`; only its head and
         // tail are read.
-        let waiting = unsafe { ring.submission_shared() }.len() as u32;
-        let head = self.pushed.wrapping_sub(waiting);
-        // Positions in the queue are within its size of the head, far from wrapping.
-        head.wrapping_sub(position) as i32 >= 0
+        let waiting = unsafe { ring.submission_shared() }.len() as u64;
+        self.pushed - waiting >= position
     }
 
     /// Frees `index` and returns its memory, which the caller drops outside the lock.
@@ -1303,7 +1302,7 @@ impl Ring {
         skip: usize,
         allow_fixed: bool,
         waker: &Waker,
-    ) -> Result<(u32, u32, bool), Owned> {
+    ) -> Result<(u32, u64, bool), Owned> {
         let shared = &*self.shared;
         let mut inline = InlineReap::default();
         let mut table = shared.table.lock();
@@ -1431,7 +1430,7 @@ impl Ring {
     }
 
     /// Whether the kernel has taken the entry at `position` (from [`Table::push`]).
-    fn taken(&self, position: u32) -> bool {
+    fn taken(&self, position: u64) -> bool {
         self.shared.table.lock().taken(&self.shared.ring, position)
     }
 
@@ -1806,7 +1805,7 @@ enum Stage {
 #[derive(Debug, Clone, Copy)]
 struct Pushed {
     index: u32,
-    position: u32,
+    position: u64,
     op: Op,
     skip: usize,
 }
@@ -2406,7 +2405,6 @@ mod tests {
         let (read_end, write_end) = pipe();
         let ring = thread_ring(&read_end);
         let memory = memory(1);
-        nix::unistd::write(&write_end, &[5]).unwrap();
         let woken = Arc::new(AtomicUsize::new(0));
         struct Count(Arc<AtomicUsize>);
         impl Wake for Count {
@@ -2417,6 +2415,23 @@ mod tests {
         let waker = Waker::from(Arc::new(Count(woken.clone())));
         let mut cx = Context::from_waker(&waker);
         let mut read = pin!(read_into(&ring, &memory, 1, 0));
+        // The data comes only at the end (so that the read stays pending even if the
+        // completion thread's timed wait submits it between the polls), or when a failed
+        // check unwinds: the ring's drop waits for the read.
+        struct Feed<'a>(&'a OwnedFd, bool);
+        impl Feed<'_> {
+            fn feed(&mut self) {
+                if !std::mem::replace(&mut self.1, true) {
+                    nix::unistd::write(self.0, &[5]).unwrap();
+                }
+            }
+        }
+        impl Drop for Feed<'_> {
+            fn drop(&mut self) {
+                self.feed();
+            }
+        }
+        let mut feed = Feed(&write_end, false);
         assert!(read.as_mut().poll(&mut cx).is_pending());
         // Another thread holds the submission (it may fail without taking this entry).
         ring.shared.submitting.store(true, Ordering::SeqCst);
@@ -2436,6 +2451,7 @@ mod tests {
         );
         // That submitter gave up (here: without entering the kernel at all).
         ring.shared.submitting.store(false, Ordering::SeqCst);
+        feed.feed();
         let (result, _) = futures::executor::block_on(read);
         assert_eq!(result.unwrap(), 1);
         assert_eq!(memory.read_plain::<u8>(0).unwrap(), 5);
