@@ -628,12 +628,16 @@ impl Table {
         Ok(self.pushed)
     }
 
-    /// Whether the kernel has taken the entry [`Table::push`] put at `position`.
-    fn taken(&self, ring: &IoUring, position: u64) -> bool {
+    /// How many entries pushed onto `ring`'s submission queue the kernel has not taken yet.
+    fn waiting(&self, ring: &IoUring) -> usize {
         // SAFETY: holding the table makes this the only `SubmissionQueue`; only its head and
         // tail are read.
-        let waiting = unsafe { ring.submission_shared() }.len() as u64;
-        self.pushed - waiting >= position
+        unsafe { ring.submission_shared() }.len()
+    }
+
+    /// Whether the kernel has taken the entry [`Table::push`] put at `position`.
+    fn taken(&self, ring: &IoUring, position: u64) -> bool {
+        self.pushed - self.waiting(ring) as u64 >= position
     }
 
     /// Frees `index` and returns its memory, which the caller drops outside the lock.
@@ -1399,12 +1403,7 @@ impl Ring {
         /// Tries before the entries are left for the next submitter.
         const TRIES: usize = 16;
         for _ in 0..TRIES {
-            let waiting = {
-                let _table = self.shared.table.lock();
-                // SAFETY: the table lock makes this the only `SubmissionQueue`; only its
-                // head and tail are read.
-                unsafe { self.shared.ring.submission_shared() }.len()
-            };
+            let waiting = self.shared.table.lock().waiting(&self.shared.ring);
             if waiting == 0 {
                 return true;
             }
@@ -1858,15 +1857,14 @@ impl Future for Request<'_> {
                 Poll::Pending
             }
             Stage::Batched(pushed) => {
+                // Nothing to do if another request submitted the batch already.
+                this.ring.submit_batch();
                 if !this.ring.taken(pushed.position) {
-                    this.ring.submit_batch();
-                    if !this.ring.taken(pushed.position) {
-                        // Another thread is submitting, or the kernel refused the entry for
-                        // now: look again on the next poll, which nothing else may bring.
-                        this.stage = Stage::Batched(pushed);
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
+                    // Another thread is submitting, or the kernel refused the entry for now:
+                    // look again on the next poll, which nothing else may bring.
+                    this.stage = Stage::Batched(pushed);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 this.stage = Stage::InFlight(pushed);
                 Pin::new(this).poll(cx)
@@ -2376,12 +2374,7 @@ mod tests {
         // the first is not polled again until the end.
         let polled = second.as_mut().poll(&mut cx);
         assert_eq!(queued(), 0, "the batch was submitted");
-        {
-            let _table = ring.shared.table.lock();
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; only its length
-            // is read.
-            assert!(unsafe { ring.shared.ring.submission_shared() }.is_empty());
-        }
+        assert_eq!(ring.shared.table.lock().waiting(&ring.shared.ring), 0);
         let (result, _) = match polled {
             Poll::Ready(done) => done,
             Poll::Pending => futures::executor::block_on(second),
@@ -2437,12 +2430,7 @@ mod tests {
         ring.shared.submitting.store(true, Ordering::SeqCst);
         let before = woken.load(Ordering::SeqCst);
         assert!(read.as_mut().poll(&mut cx).is_pending());
-        let waiting = {
-            let _table = ring.shared.table.lock();
-            // SAFETY: the table lock makes this the only `SubmissionQueue`; only its length
-            // is read.
-            !unsafe { ring.shared.ring.submission_shared() }.is_empty()
-        };
+        let waiting = ring.shared.table.lock().waiting(&ring.shared.ring) > 0;
         // (The completion thread's timed wait, every 100 ms, may have taken the entry in
         // the microseconds between the two polls; then there is nothing to wait for.)
         assert!(
