@@ -9,14 +9,17 @@
 //! medians of IOPS, bandwidth, mean and p99 latency and CPU time per request (user and
 //! system: fio's job process, our whole process), and the ratio of each pair (ours / plain
 //! fio, whose defaults are the reference; fio with `--fixedbufs --registerfiles` runs
-//! too, for comparison). Our engines: the default options driven by
+//! too, for comparison, and for the 1 MiB workloads fio with `--mem=mmaphuge`, its buffers in
+//! huge pages reserved for the run, as our guest memory is). Our engines: the default options driven by
 //! `futures::executor::block_on` (what an executor without a reactor gets, such as the
 //! `LocalPool` of `virtio_block`), the same with fixed buffers (the requests' memory
 //! registered with `register_fixed_buffers`), `Completions::Tokio` on a tokio current-thread
 //! runtime, `Completions::Owner` driven by the disk's own `OwnerDriver` without and with
 //! fixed buffers, the owner mode with `completion_spin` (adaptive polling) without and with
 //! fixed buffers, and at queue depth 1 the default with `completion_spin`. All requests' buffers
-//! live in one guest memory, a page-aligned run of pages per request in flight.
+//! live in one guest memory (anonymous, in transparent huge pages where the kernel has them),
+//! a page-aligned run of pages per request in flight. Each run also notes the mean size of
+//! the requests the loop device served, from its `/sys/block/NAME/stat`.
 //! `--pin CPU` pins the thread that runs our engines' futures (the owner, in owner mode) to
 //! one CPU while they run (fio stays unpinned).
 //! `--engine` and `--workload` keep only the engines and workloads whose
@@ -90,6 +93,9 @@ struct Figures {
     user_us: f64,
     /// Kernel CPU time per request, in µs.
     system_us: f64,
+    /// The mean size of the requests the loop device served, in KiB: what the block layer
+    /// made of the engine's (it splits a request with more segments than the device takes).
+    device_kib: f64,
 }
 
 struct Options {
@@ -164,6 +170,27 @@ impl LoopDevice {
     }
 }
 
+impl LoopDevice {
+    /// Requests and 512-byte sectors the device has served so far, reads and writes
+    /// (`/sys/block/NAME/stat`).
+    fn served(&self) -> Result<(u64, u64), String> {
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        let path = format!("/sys/block/{name}/stat");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .map(|f| f.parse().map_err(|_| format!("{path}: not a number: {f}")))
+            .collect::<Result<_, _>>()?;
+        if fields.len() < 7 {
+            return Err(format!(
+                "{path}: {} fields, expected at least 7",
+                fields.len()
+            ));
+        }
+        Ok((fields[0] + fields[4], fields[2] + fields[6]))
+    }
+}
+
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
@@ -184,13 +211,55 @@ fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Huge pages reserved (`/proc/sys/vm/nr_hugepages`) for fio's buffers with
+/// `--mem=mmaphuge`, given back when dropped.
+struct HugePages {
+    before: u64,
+}
+
+impl HugePages {
+    const PATH: &str = "/proc/sys/vm/nr_hugepages";
+
+    /// Reserves `count` more huge pages; `None` (after saying why) if the kernel cannot.
+    fn reserve(count: u64) -> Option<Self> {
+        let read = || -> Option<u64> {
+            std::fs::read_to_string(Self::PATH)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let before = read()?;
+        let wanted = before + count;
+        let reserved = std::fs::write(Self::PATH, wanted.to_string()).is_ok();
+        let pages = Self { before };
+        if reserved && read() == Some(wanted) {
+            Some(pages)
+        } else {
+            eprintln!(
+                "fio_compare: cannot reserve {count} huge pages in {}: skipping fio --mem=mmaphuge",
+                Self::PATH
+            );
+            None
+        }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.before.to_string());
+    }
+}
+
 /// One fio run; `fixed` adds `--fixedbufs --registerfiles` (fio's buffers registered with
-/// its ring, as our fixed buffers are).
+/// its ring, as our fixed buffers are), `huge` `--mem=mmaphuge` (its buffers in huge
+/// pages, as our guest memory is).
 fn run_fio(
     device: &Path,
     workload: &Workload,
     runtime: u64,
     fixed: bool,
+    huge: bool,
 ) -> Result<Figures, String> {
     let output = Command::new("fio")
         .arg("--name=compare")
@@ -210,6 +279,7 @@ fn run_fio(
         } else {
             &[]
         })
+        .args(if huge { &["--mem=mmaphuge"][..] } else { &[] })
         .arg(format!("--rw={}", workload.fio_rw))
         .arg(format!("--bs={}", workload.block_size))
         .arg(format!("--iodepth={}", workload.queue_depth))
@@ -240,6 +310,7 @@ fn run_fio(
         bytes_per_second: number(&side["bw_bytes"])?,
         mean_latency_us: number(&side["lat_ns"]["mean"])? / 1000.0,
         p99_latency_us: number(&side["lat_ns"]["percentile"]["99.000000"])? / 1000.0,
+        device_kib: 0.0,
     })
 }
 
@@ -370,6 +441,7 @@ fn run_ours(
         p99_latency_us: p99 as f64 / 1000.0,
         user_us: per_request(user, usage_before.0),
         system_us: per_request(system, usage_before.1),
+        device_kib: 0.0,
     }
 }
 
@@ -445,7 +517,7 @@ const SPIN: Duration = Duration::from_micros(50);
 /// What one row of the comparison runs.
 #[derive(Clone, Copy)]
 enum Engine<'a, 'b> {
-    Fio { fixed: bool },
+    Fio { fixed: bool, huge: bool },
     Ours(&'b Ours<'a>),
 }
 
@@ -457,14 +529,23 @@ struct Ours<'a> {
 
 fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
     let device = LoopDevice::new(dir, options.size_mib << 20)?;
-    // The "guest memory" every engine's requests use: room for the largest workload.
-    let memory = GuestMemory::allocate(
-        WORKLOADS
-            .iter()
-            .map(|w| w.queue_depth * w.block_size)
-            .max()
-            .unwrap_or(0),
-    );
+    // The "guest memory" every engine's requests use: room for the largest workload, in
+    // transparent huge pages as a VMM's guest RAM usually is (`GuestMemoryBuilder::anonymous`).
+    // With scattered 4 KiB pages a 1 MiB request has 256 segments and the loop device (128
+    // per request) serves it as two; fio's buffers are split or not depending on how
+    // contiguous the pages it happens to get are (the column "KiB per device request").
+    let memory_len = WORKLOADS
+        .iter()
+        .map(|w| w.queue_depth * w.block_size)
+        .max()
+        .unwrap_or(0);
+    let memory = GuestMemory::builder()
+        .anonymous(0, memory_len as u64)
+        .and_then(|b| b.build())
+        .map_err(|e| format!("guest memory: {e}"))?;
+    memory
+        .fill_at(0, 0x5a, memory_len)
+        .map_err(|e| format!("guest memory: {e}"))?;
     // A backend of the device, with `memory` registered as fixed buffers if `fixed`
     // (before an owner claims the ring, which any thread may do).
     let open_backend = |completion_spin, completions, fixed| -> Result<BlockDeviceDisk, String> {
@@ -573,33 +654,64 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         options.size_mib
     );
     println!(
-        "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | median CPU µs/request (user + sys) | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
+        "| workload | engine | IOPS (runs) | median IOPS | median MiB/s | median mean lat (µs) | median p99 lat (µs) | median CPU µs/request (user + sys) | median KiB per device request | ours/fio IOPS per pair | median IOPS ratio | median mean-latency ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let wanted = |name: &str| {
-        options.engine.as_ref().is_none_or(|e| {
-            e.split('|').any(|part| match part.strip_suffix('$') {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // `a|b` keeps names that match either part; `text$` one that ends with `text`.
+    let matches = |filter: &Option<String>, name: &str| {
+        filter.as_ref().is_none_or(|f| {
+            f.split('|').any(|part| match part.strip_suffix('$') {
                 Some(end) => name.ends_with(end),
                 None => name.contains(part),
             })
         })
     };
+    let wanted = |name: &str| matches(&options.engine, name);
+    // Huge pages for fio's buffers (`--mem=mmaphuge`), if a workload that needs them runs:
+    // its buffers and a spare page per 2 MiB for fio's alignment.
+    let huge_bytes = WORKLOADS
+        .iter()
+        .filter(|w| w.block_size > guestmem::PAGE_SIZE && matches(&options.workload, w.name))
+        .map(|w| w.queue_depth * w.block_size)
+        .max();
+    let huge_pages = match huge_bytes {
+        Some(bytes) if wanted("fio --mem=mmaphuge") => {
+            HugePages::reserve(2 * (bytes as u64).div_ceil(2 << 20) + 1)
+        }
+        _ => None,
+    };
     for workload in &WORKLOADS {
-        if options
-            .workload
-            .as_ref()
-            .is_some_and(|w| !workload.name.contains(w.as_str()))
-        {
+        if !matches(&options.workload, workload.name) {
             continue;
         }
         // The ratios are to plain fio (the first engine): the reference.
         let mut engines: Vec<(&str, Engine<'_, '_>)> = vec![
-            ("fio", Engine::Fio { fixed: false }),
+            (
+                "fio",
+                Engine::Fio {
+                    fixed: false,
+                    huge: false,
+                },
+            ),
             (
                 "fio --fixedbufs --registerfiles",
-                Engine::Fio { fixed: true },
+                Engine::Fio {
+                    fixed: true,
+                    huge: false,
+                },
             ),
         ];
+        // Where a request spans pages, fio with its buffers in huge pages too: how contiguous
+        // the pages of its default buffers are decides how the loop device splits them.
+        if workload.block_size > guestmem::PAGE_SIZE && huge_pages.is_some() {
+            engines.push((
+                "fio --mem=mmaphuge",
+                Engine::Fio {
+                    fixed: false,
+                    huge: true,
+                },
+            ));
+        }
         for (name, ours) in &all {
             if name.contains("spin") && workload.queue_depth != 1 {
                 continue;
@@ -615,9 +727,10 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                 order.reverse();
             }
             for i in order {
-                let figures = match engines[i].1 {
-                    Engine::Fio { fixed } => {
-                        run_fio(&device.path, workload, options.runtime, fixed)?
+                let (requests_before, sectors_before) = device.served()?;
+                let mut figures = match engines[i].1 {
+                    Engine::Fio { fixed, huge } => {
+                        run_fio(&device.path, workload, options.runtime, fixed, huge)?
                     }
                     Engine::Ours(ours) => run_ours(
                         &ours.disk,
@@ -628,6 +741,10 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                         options.pin,
                     ),
                 };
+                let (requests, sectors) = device.served()?;
+                figures.device_kib = (sectors - sectors_before) as f64
+                    / 2.0
+                    / (requests - requests_before).max(1) as f64;
                 runs[i].push(figures);
             }
         }
@@ -661,7 +778,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                 (pairs, iops_ratio, latency_ratio)
             };
             println!(
-                "| {} | {engine} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} + {:.1} | {pairs} | {iops_ratio} | {latency_ratio} |",
+                "| {} | {engine} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} + {:.1} | {:.0} | {pairs} | {iops_ratio} | {latency_ratio} |",
                 workload.name,
                 format_runs(&runs[i], |f| f.iops, 1.0),
                 med(|f| f.iops),
@@ -670,6 +787,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                 med(|f| f.p99_latency_us),
                 med(|f| f.user_us),
                 med(|f| f.system_us),
+                med(|f| f.device_kib),
             );
         }
     }
