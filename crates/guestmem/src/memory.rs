@@ -554,12 +554,26 @@ mod tests {
         assert_eq!(GuestMemory::empty().host_regions().count(), 0);
     }
 
-    /// The `VmFlags` line of the mapping that starts at `host`, from `/proc/self/smaps`.
+    /// The `VmFlags` line of the mapping that holds `host`, from `/proc/self/smaps` (the
+    /// kernel may have merged it with a neighbour that has the same flags).
     fn vm_flags(host: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{host:x}-");
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-        assert!(lines.next().is_some(), "no mapping starts at {start}");
+        // A mapping's header: "start-end perms offset dev inode [path]", in hex.
+        let holds = |line: &str| {
+            let range = line.split_whitespace().next().unwrap_or_default();
+            let Some((start, end)) = range.split_once('-') else {
+                return false;
+            };
+            match (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
+                (Ok(start), Ok(end)) => (start..end).contains(&host),
+                _ => false,
+            }
+        };
+        let mut lines = smaps.lines().skip_while(|l| !holds(l));
+        assert!(lines.next().is_some(), "no mapping holds {host:#x}");
         lines
             .find_map(|l| l.strip_prefix("VmFlags:"))
             .unwrap()
