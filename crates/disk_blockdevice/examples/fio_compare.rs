@@ -95,6 +95,7 @@ struct Figures {
     system_us: f64,
     /// The mean size of the requests the loop device served, in KiB: what the block layer
     /// made of the engine's (it splits a request with more segments than the device takes).
+    /// NaN where the device's counters could not be read.
     device_kib: f64,
 }
 
@@ -211,14 +212,16 @@ fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Huge pages reserved (`/proc/sys/vm/nr_hugepages`) for fio's buffers with
+/// 2 MiB huge pages reserved for fio's buffers with
 /// `--mem=mmaphuge`, given back when dropped.
 struct HugePages {
     before: u64,
 }
 
 impl HugePages {
-    const PATH: &str = "/proc/sys/vm/nr_hugepages";
+    /// The pool of 2 MiB pages (`/proc/sys/vm/nr_hugepages` counts the default size, which
+    /// a kernel command line may have made 1 GiB).
+    const PATH: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
     /// Reserves `count` more huge pages; `None` (after saying why) if the kernel cannot.
     fn reserve(count: u64) -> Option<Self> {
@@ -279,7 +282,11 @@ fn run_fio(
         } else {
             &[]
         })
-        .args(if huge { &["--mem=mmaphuge"][..] } else { &[] })
+        .args(if huge {
+            &["--mem=mmaphuge", "--hugepage-size=2m"][..]
+        } else {
+            &[]
+        })
         .arg(format!("--rw={}", workload.fio_rw))
         .arg(format!("--bs={}", workload.block_size))
         .arg(format!("--iodepth={}", workload.queue_depth))
@@ -667,8 +674,9 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         })
     };
     let wanted = |name: &str| matches(&options.engine, name);
-    // Huge pages for fio's buffers (`--mem=mmaphuge`), if a workload that needs them runs:
-    // its buffers and a spare page per 2 MiB for fio's alignment.
+    // Huge pages for fio's buffers (`--mem=mmaphuge --hugepage-size=2m`), if a workload that
+    // needs them runs: fio maps its buffers plus a page for alignment, rounded up to 2 MiB;
+    // one more page for slack.
     let huge_bytes = WORKLOADS
         .iter()
         .filter(|w| w.block_size > guestmem::PAGE_SIZE && matches(&options.workload, w.name))
@@ -676,7 +684,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         .max();
     let huge_pages = match huge_bytes {
         Some(bytes) if wanted("fio --mem=mmaphuge") => {
-            HugePages::reserve(2 * (bytes as u64).div_ceil(2 << 20) + 1)
+            HugePages::reserve((bytes as u64 + 4096).div_ceil(2 << 20) + 1)
         }
         _ => None,
     };
@@ -720,6 +728,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
         }
         engines.retain(|(name, _)| wanted(name));
         let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); engines.len()];
+        let mut warned_stat = false;
         for rep in 0..options.reps {
             // Alternate the order, so drift over time does not favour one engine.
             let mut order: Vec<usize> = (0..engines.len()).collect();
@@ -727,7 +736,7 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                 order.reverse();
             }
             for i in order {
-                let (requests_before, sectors_before) = device.served()?;
+                let before = device.served();
                 let mut figures = match engines[i].1 {
                     Engine::Fio { fixed, huge } => {
                         run_fio(&device.path, workload, options.runtime, fixed, huge)?
@@ -741,10 +750,26 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
                         options.pin,
                     ),
                 };
-                let (requests, sectors) = device.served()?;
-                figures.device_kib = (sectors - sectors_before) as f64
-                    / 2.0
-                    / (requests - requests_before).max(1) as f64;
+                figures.device_kib = match (before, device.served()) {
+                    (Ok((requests_before, sectors_before)), Ok((requests, sectors))) => {
+                        match (
+                            requests.checked_sub(requests_before),
+                            sectors.checked_sub(sectors_before),
+                        ) {
+                            (Some(requests), Some(sectors)) if requests > 0 => {
+                                sectors as f64 / 2.0 / requests as f64
+                            }
+                            _ => f64::NAN,
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        if !warned_stat {
+                            eprintln!("fio_compare: no request sizes: {e}");
+                            warned_stat = true;
+                        }
+                        f64::NAN
+                    }
+                };
                 runs[i].push(figures);
             }
         }

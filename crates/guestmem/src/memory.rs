@@ -302,8 +302,9 @@ impl GuestMemoryBuilder {
     }
 
     /// Adds zeroed, lazily committed anonymous memory (`mmap` with `MAP_NORESERVE`), backed by
-    /// transparent huge pages where the kernel can: the mapping starts on a 2 MiB boundary
-    /// and is advised `MADV_HUGEPAGE`, as QEMU and Cloud Hypervisor do for guest RAM by
+    /// transparent huge pages where the kernel can: a region of 2 MiB or more is mapped at a
+    /// host address equal to `gpa` modulo 2 MiB (so a 2 MiB-aligned region starts on a huge
+    /// page boundary) and every region is advised `MADV_HUGEPAGE`, as QEMU and Cloud Hypervisor do for guest RAM by
     /// default (the advice matters where the system's THP setting is `madvise`; `never`
     /// overrides it, and a kernel without THP ignores it).
     ///
@@ -345,17 +346,20 @@ impl GuestMemoryBuilder {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // Host and guest addresses equal modulo 2 MiB, so that a huge page of the guest is
+        // one of the host (and one large page in a hypervisor's page tables). The offset is
+        // page-aligned and below 2 MiB, so it fits in the slack.
         let start = ptr as usize;
         let aligned = if slack == 0 {
             start
         } else {
-            start.next_multiple_of(huge)
+            start + ((gpa as usize).wrapping_sub(start) & (huge - 1))
         };
         let head = aligned - start;
         let tail = mapped_len - head - host_len;
         // SAFETY: both ranges lie within the mapping made above, outside the part kept, and
-        // nothing refers to them. munmap of a page-aligned range of our own mapping cannot
-        // fail; if it did, the pages would only stay mapped and unused.
+        // nothing refers to them. If munmap failed (ENOMEM splitting the mapping), the pages
+        // would only stay mapped and unused.
         unsafe {
             if head > 0 {
                 libc::munmap(ptr, head);
@@ -588,17 +592,18 @@ mod tests {
             .unwrap()
             .anonymous(4 * huge, PAGE_SIZE64)
             .unwrap()
+            .anonymous(8 * huge + huge / 2, huge)
+            .unwrap()
             .build()
             .unwrap();
         let hosts: Vec<usize> = mem
             .host_regions()
             .map(|(_, host, _)| host.as_ptr() as usize)
             .collect();
-        assert_eq!(
-            hosts[0] % HUGE_PAGE_SIZE,
-            0,
-            "a region of 2 MiB or more is aligned"
-        );
+        // A region of 2 MiB or more lies at its guest address modulo 2 MiB.
+        assert_eq!(hosts[0] % HUGE_PAGE_SIZE, 0);
+        assert_eq!(hosts[2] % HUGE_PAGE_SIZE, HUGE_PAGE_SIZE / 2);
+        mem.write_plain(9 * huge + huge / 2 - 1, &5u8).unwrap();
         // Every byte is still usable, the last one included.
         mem.write_plain(2 * huge - 1, &7u8).unwrap();
         assert_eq!(mem.read_plain::<u8>(2 * huge - 1).unwrap(), 7);
