@@ -9,9 +9,9 @@
 //! medians of IOPS, bandwidth, mean and p99 latency and CPU time per request (user and
 //! system: fio's job process, our whole process), and the ratio of each pair (ours / plain
 //! fio, whose defaults are the reference; fio with `--fixedbufs --registerfiles` runs
-//! too, for comparison, and for the 1 MiB workloads fio with `--mem=mmaphuge`, its buffers in
-//! huge pages reserved for the run, as our guest memory is). Our engines: the default options driven by
-//! `futures::executor::block_on` (what an executor without a reactor gets, such as the
+//! too, for comparison, and for the 1 MiB workloads fio with `--mem=mmaphuge`, its buffers
+//! in huge pages reserved for the run, as our guest memory is). Our engines: the default
+//! options driven by `futures::executor::block_on` (what an executor without a reactor gets, such as the
 //! `LocalPool` of `virtio_block`), the same with fixed buffers (the requests' memory
 //! registered with `register_fixed_buffers`), `Completions::Tokio` on a tokio current-thread
 //! runtime, `Completions::Owner` driven by the disk's own `OwnerDriver` without and with
@@ -169,9 +169,7 @@ impl LoopDevice {
         let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         Ok(Self { path, backing })
     }
-}
 
-impl LoopDevice {
     /// Requests and 512-byte sectors the device has served so far, reads and writes
     /// (`/sys/block/NAME/stat`).
     fn served(&self) -> Result<(u64, u64), String> {
@@ -212,8 +210,8 @@ fn fill(path: &Path, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// 2 MiB huge pages reserved for fio's buffers with
-/// `--mem=mmaphuge`, given back when dropped.
+/// 2 MiB huge pages reserved for fio's buffers with `--mem=mmaphuge`, given back when
+/// dropped.
 struct HugePages {
     before: u64,
 }
@@ -549,9 +547,6 @@ fn compare(label: &str, dir: &Path, options: &Options) -> Result<(), String> {
     let memory = GuestMemory::builder()
         .anonymous(0, memory_len as u64)
         .and_then(|b| b.build())
-        .map_err(|e| format!("guest memory: {e}"))?;
-    memory
-        .fill_at(0, 0x5a, memory_len)
         .map_err(|e| format!("guest memory: {e}"))?;
     // A backend of the device, with `memory` registered as fixed buffers if `fixed`
     // (before an owner claims the ring, which any thread may do).

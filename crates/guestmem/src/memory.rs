@@ -304,9 +304,9 @@ impl GuestMemoryBuilder {
     /// Adds zeroed, lazily committed anonymous memory (`mmap` with `MAP_NORESERVE`), backed by
     /// transparent huge pages where the kernel can: a region of 2 MiB or more is mapped at a
     /// host address equal to `gpa` modulo 2 MiB (so a 2 MiB-aligned region starts on a huge
-    /// page boundary) and every region is advised `MADV_HUGEPAGE`, as QEMU and Cloud Hypervisor do for guest RAM by
-    /// default (the advice matters where the system's THP setting is `madvise`; `never`
-    /// overrides it, and a kernel without THP ignores it).
+    /// page boundary) and every region is advised `MADV_HUGEPAGE`, as QEMU and Cloud
+    /// Hypervisor do for guest RAM by default (the advice matters where the system's THP
+    /// setting is `madvise`; `never` overrides it, and a kernel without THP ignores it).
     ///
     /// Besides fewer TLB misses, huge pages make a guest buffer physically contiguous, so the
     /// block layer merges its pages into few segments: a 1 MiB request over scattered 4 KiB
@@ -327,25 +327,15 @@ impl GuestMemoryBuilder {
         let Some(mapped_len) = host_len.checked_add(slack) else {
             return Err(BuildError::TooLarge { gpa, len });
         };
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh mapping chosen by the kernel (null hint) cannot alias any Rust
-        // object; failure is reported as MAP_FAILED and handled below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(BuildError::Map {
-                gpa,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let ptr = Self::mmap(
+            gpa,
+            mapped_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )?
+        .cast::<libc::c_void>();
         // Host and guest addresses equal modulo 2 MiB, so that a huge page of the guest is
         // one of the host (and one large page in a hypervisor's page tables). The offset is
         // page-aligned and below 2 MiB, so it fits in the slack.
@@ -373,16 +363,7 @@ impl GuestMemoryBuilder {
         // SAFETY: `host..host + host_len` is the mapping kept above; advice does not change
         // its contents.
         unsafe { libc::madvise(host.cast(), host_len, libc::MADV_HUGEPAGE) };
-        self.regions.push(Region {
-            gpa,
-            len,
-            host,
-            writable: true,
-            _backing: Backing::Mapping(Mapping {
-                ptr: host,
-                len: host_len,
-            }),
-        });
+        self.push_mapping(gpa, host, host_len, true);
         Ok(self)
     }
 
@@ -425,6 +406,20 @@ impl GuestMemoryBuilder {
         fd: i32,
         offset: libc::off_t,
     ) -> Result<Self, BuildError> {
+        let ptr = Self::mmap(gpa, len, prot, flags, fd, offset)?;
+        self.push_mapping(gpa, ptr, len, prot & libc::PROT_WRITE != 0);
+        Ok(self)
+    }
+
+    /// A fresh mapping of `len` bytes chosen by the kernel, for the region at `gpa`.
+    fn mmap(
+        gpa: u64,
+        len: usize,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: libc::off_t,
+    ) -> Result<*mut u8, BuildError> {
         // SAFETY: a fresh mapping chosen by the kernel (null hint) cannot alias any Rust
         // object; failure is reported as MAP_FAILED and handled below.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
@@ -434,15 +429,19 @@ impl GuestMemoryBuilder {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let ptr = ptr.cast::<u8>();
+        Ok(ptr.cast())
+    }
+
+    /// Adds the region at `gpa` backed by the mapping `host..host + len`, which it unmaps
+    /// when the last handle goes.
+    fn push_mapping(&mut self, gpa: u64, host: *mut u8, len: usize, writable: bool) {
         self.regions.push(Region {
             gpa,
             len: len as u64,
-            host: ptr,
-            writable: prot & libc::PROT_WRITE != 0,
-            _backing: Backing::Mapping(Mapping { ptr, len }),
+            host,
+            writable,
+            _backing: Backing::Mapping(Mapping { ptr: host, len }),
         });
-        Ok(self)
     }
 
     /// Adds host memory mapped by someone else.
