@@ -372,7 +372,7 @@ impl GuestMemoryBuilder {
     ///
     /// The mapping stays valid after `fd` is closed.
     pub fn file(
-        self,
+        mut self,
         gpa: u64,
         len: u64,
         fd: BorrowedFd<'_>,
@@ -387,27 +387,15 @@ impl GuestMemoryBuilder {
         } else {
             libc::PROT_READ
         };
-        self.map(
+        let host = Self::mmap(
             gpa,
             host_len,
             prot,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
             offset,
-        )
-    }
-
-    fn map(
-        mut self,
-        gpa: u64,
-        len: usize,
-        prot: i32,
-        flags: i32,
-        fd: i32,
-        offset: libc::off_t,
-    ) -> Result<Self, BuildError> {
-        let ptr = Self::mmap(gpa, len, prot, flags, fd, offset)?;
-        self.push_mapping(gpa, ptr, len, prot & libc::PROT_WRITE != 0);
+        )?;
+        self.push_mapping(gpa, host, host_len, writable);
         Ok(self)
     }
 
