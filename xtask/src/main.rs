@@ -19,8 +19,9 @@ verbs:
   ci                  fmt, clippy, test, doc, fuzz smoke, in that order; stops at the
                       first failure (the fuzz smoke is skipped, saying so, without
                       nightly and cargo-fuzz)
-  stress [SEEDS]      the conformance model tests over SEEDS random seeds (default 200),
-                      release build; set DISK_CONFORMANCE_SEED=N to replay one seed
+  stress [SEEDS]      the conformance model tests and the concurrency consistency tests
+                      over SEEDS random seeds (default 200), release build; set
+                      DISK_CONFORMANCE_SEED=N to replay one seed
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
   bench blockdevice [ARGS]
                       disk_blockdevice against fio on loop devices it creates (root;
@@ -228,7 +229,9 @@ fn stress(args: &[String]) -> Result {
         "--workspace",
         "--release",
         "--locked",
+        "--",
         "conformance",
+        "consistency",
     ]);
     c.env("DISK_CONFORMANCE_SEEDS", seeds);
     run("stress", c)

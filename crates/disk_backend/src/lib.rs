@@ -78,6 +78,7 @@
 mod disk;
 mod error;
 pub mod pr;
+pub mod range_lock;
 pub mod resolve;
 pub mod sync_wrapper;
 

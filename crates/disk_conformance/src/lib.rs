@@ -37,7 +37,7 @@
 mod model;
 mod probe;
 
-pub use model::{FIXED_SEED, model, model_with_seed};
+pub use model::{FIXED_SEED, model, model_with_seed, seeds};
 pub use probe::MemoryProbe;
 
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};

@@ -20,17 +20,22 @@ const MAX_IN_FLIGHT: usize = 16;
 /// Largest request, in sectors.
 const MAX_SECTORS: u64 = 32;
 
-/// Runs [`model_with_seed`] for the seeds the environment asks for: `DISK_CONFORMANCE_SEED=N`
-/// for seed `N` alone, `DISK_CONFORMANCE_SEEDS=K` for `K` seeds from [`FIXED_SEED`] on, and
-/// [`FIXED_SEED`] alone otherwise.
-pub fn model(factory: &impl DiskFactory) {
+/// The seeds the environment asks random tests to run: `DISK_CONFORMANCE_SEED=N` for seed
+/// `N` alone, `DISK_CONFORMANCE_SEEDS=K` for `K` seeds from [`FIXED_SEED`] on (what `cargo
+/// xtask stress` sets), and [`FIXED_SEED`] alone otherwise. Other crates' randomised tests
+/// use it too, so one variable replays or widens all of them.
+pub fn seeds() -> std::ops::Range<u64> {
     let env = |name| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let seeds = match (env("DISK_CONFORMANCE_SEED"), env("DISK_CONFORMANCE_SEEDS")) {
+    match (env("DISK_CONFORMANCE_SEED"), env("DISK_CONFORMANCE_SEEDS")) {
         (Some(seed), _) => seed..seed + 1,
-        (None, Some(count)) => FIXED_SEED..FIXED_SEED + count,
+        (None, Some(count)) => FIXED_SEED..FIXED_SEED.saturating_add(count),
         (None, None) => FIXED_SEED..FIXED_SEED + 1,
-    };
-    for seed in seeds {
+    }
+}
+
+/// Runs [`model_with_seed`] for each of [`seeds`].
+pub fn model(factory: &impl DiskFactory) {
+    for seed in seeds() {
         model_with_seed(factory, seed);
     }
 }

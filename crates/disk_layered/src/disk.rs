@@ -1,9 +1,11 @@
 //! The layered disk: construction rules and the read/write/unmap algorithms.
 
+use crate::bounce::BouncePool;
 use crate::layer::{DiskLayer, DynLayer, LowerLayerMetadata};
 use crate::marker::{SectorBitmap, SectorMarker};
+use disk_backend::range_lock::{Access, RangeLock};
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
-use request_buffers::{GuestMemory, MemoryWrite, RequestBuffers};
+use request_buffers::{GuestMemory, MemoryRead, MemoryWrite, RequestBuffers};
 use smallvec::SmallVec;
 use thiserror::Error;
 
@@ -101,6 +103,17 @@ struct Layer {
 /// - The disk's size, resize notifications and identity come from the top layer (the id
 ///   from the first layer from the top that has one); FUA is respected only if every layer
 ///   on the write path respects it.
+///
+/// Overlapping requests in flight together are applied in one order, the same in every
+/// layer: when the write path has more than one layer, writes and unmaps hold their sector
+/// range exclusively (a [`RangeLock`], first come first served), and when a read cache lies
+/// above a layer that writes reach, reads hold theirs shared until their cache fill is done.
+/// So the layers of a write-through stack never disagree, and a cache fill never installs
+/// data older than a write or unmap that was in flight with the read. Requests on disjoint
+/// ranges never wait for each other, and stacks that need neither rule take no lock.
+/// Layers below a read cache read into a private buffer, from which both the caller's
+/// buffers and the caches are filled: a guest rewriting its buffer during a read cannot
+/// decide what the cache holds.
 pub struct LayeredDisk {
     layers: Vec<Layer>,
     read_only: bool,
@@ -115,6 +128,16 @@ pub struct LayeredDisk {
     is_fua_respected: bool,
     unmap_behavior: UnmapBehavior,
     optimal_unmap_sectors: u32,
+    /// The highest read-cache layer, if any.
+    first_read_cache: Option<usize>,
+    /// Writes and unmaps hold their range exclusively: the write path has several layers,
+    /// which must see overlapping requests in one order.
+    lock_writes: bool,
+    /// Reads hold their range shared: a read cache lies above a layer that writes reach, so
+    /// a read's cache fill must not overtake a write or unmap.
+    lock_reads: bool,
+    ranges: RangeLock,
+    bounce: BouncePool,
 }
 
 impl std::fmt::Debug for LayeredDisk {
@@ -220,6 +243,11 @@ impl LayeredDisk {
             below = Some(merge_unmap(layers[index].io.unmap_behavior(), below));
         }
         let unmap_behavior = below.expect("the write path has at least one layer");
+        let lock_writes = write_path_len > 1;
+        let lock_reads = layers
+            .iter()
+            .enumerate()
+            .any(|(index, l)| l.read_cache && index + 1 < write_path_len);
 
         Ok(Self {
             read_only,
@@ -236,6 +264,11 @@ impl LayeredDisk {
                 .max()
                 .unwrap_or(1),
             unmap_behavior,
+            first_read_cache: layers.iter().position(|l| l.read_cache),
+            lock_writes,
+            lock_reads,
+            ranges: RangeLock::new(),
+            bounce: BouncePool::default(),
             layers,
         })
     }
@@ -256,6 +289,94 @@ impl LayeredDisk {
 
     fn bytes(&self, sectors: u64) -> usize {
         (sectors << self.sector_shift) as usize
+    }
+
+    /// Asks layer `index` for the sectors of `present` still missing below `visible`,
+    /// reading into `target` (which covers the whole request). Returns the new visible limit,
+    /// or `None` if the layer (and every layer below it) is clamped out of the request.
+    async fn read_layer(
+        &self,
+        index: usize,
+        target: &RequestBuffers<'_>,
+        sector: u64,
+        present: &mut SectorBitmap,
+        visible: u64,
+    ) -> Result<Option<u64>, DiskError> {
+        let layer = &self.layers[index];
+        let visible = visible.min(layer.io.sector_count());
+        if visible <= sector {
+            return Ok(None);
+        }
+        let limit = visible - sector;
+        // A layer that certainly holds none of the sectors costs no I/O call.
+        if !layer.io.may_hold(sector, limit) {
+            return Ok(Some(visible));
+        }
+        let mut at = 0;
+        while at < limit {
+            let Some(run) = present.clear_runs(at..limit).next() else {
+                break;
+            };
+            at = run.end;
+            let sub = target.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
+            let marker = SectorMarker::new(present, sector, sector + run.start..sector + run.end);
+            layer.io.read(&sub, sector + run.start, marker).await?;
+        }
+        Ok(Some(visible))
+    }
+
+    /// The rest of a read that missed read cache `first_cache`: the layers below it read
+    /// into a private buffer, from which the caller's buffers and every read cache on the way
+    /// are filled. Filling caches from the caller's buffers would let a guest that rewrites
+    /// its buffer during the read decide what later reads return.
+    async fn read_below_cache(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        present: &mut SectorBitmap,
+        mut visible: u64,
+        first_cache: usize,
+    ) -> Result<(), DiskError> {
+        let bounce = self.bounce.take(buffers.len());
+        let private = bounce.buffers(true).subrange(0, buffers.len());
+        // What each read cache (or a layer above it) had supplied, to work out what the
+        // layers below it added.
+        let mut snapshots: SmallVec<[(usize, SectorBitmap); 1]> = SmallVec::new();
+        snapshots.push((first_cache, present.clone()));
+        for index in first_cache + 1..self.layers.len() {
+            match self
+                .read_layer(index, &private, sector, present, visible)
+                .await?
+            {
+                Some(v) if !present.is_full() => visible = v,
+                _ => break,
+            }
+            if self.layers[index].read_cache {
+                snapshots.push((index, present.clone()));
+            }
+        }
+
+        for run in present.newly_set_runs(&snapshots[0].1) {
+            let (offset, len) = (self.bytes(run.start), self.bytes(run.end - run.start));
+            copy(
+                &private.subrange(offset, len),
+                &buffers.subrange(offset, len),
+            )?;
+        }
+        // The cache never overwrites what it holds, and the range lock keeps writes and
+        // unmaps of these sectors out until the fill is done, so a fill never installs data
+        // older than a write the caller could have seen.
+        for (index, before) in &snapshots {
+            let cache = &self.layers[*index].io;
+            for run in present.newly_set_runs(before) {
+                let sub = private.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
+                let sub = RequestBuffers::new(sub.guest_memory(), sub.range(), false);
+                // A cache that cannot be filled costs a later miss, not this read.
+                let _ = cache.write_no_overwrite(&sub, sector + run.start).await;
+            }
+        }
+        self.bounce.give_back(bounce);
+        Ok(())
     }
 }
 
@@ -298,49 +419,31 @@ impl DiskIo for LayeredDisk {
         if count == 0 {
             return Ok(());
         }
+        let _range = match self.lock_reads {
+            true => Some(
+                self.ranges
+                    .lock(sector..sector + count, Access::Shared)
+                    .await,
+            ),
+            false => None,
+        };
         let mut present = SectorBitmap::new(count);
-        // What each read-cache layer (or a layer above it) had supplied, to work out what
-        // the layers below it added.
-        let mut cache_snapshots: SmallVec<[(usize, SectorBitmap); 1]> = SmallVec::new();
+        // Layers down to the first read cache read straight into the caller's buffers.
+        let upper_end = self.first_read_cache.map_or(self.layers.len(), |c| c + 1);
         let mut visible = sector + count;
-        for (index, layer) in self.layers.iter().enumerate() {
-            visible = visible.min(layer.io.sector_count());
-            if visible <= sector {
-                break;
+        for index in 0..upper_end {
+            match self
+                .read_layer(index, buffers, sector, &mut present, visible)
+                .await?
+            {
+                Some(v) if !present.is_full() => visible = v,
+                _ => break,
             }
-            let limit = visible - sector;
-            let mut at = 0;
-            // A layer that certainly holds none of the sectors costs no I/O call.
-            if !layer.io.may_hold(sector, limit) {
-                at = limit;
-            }
-            while at < limit {
-                let Some(run) = present.clear_runs(at..limit).next() else {
-                    break;
-                };
-                at = run.end;
-                let sub = buffers.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
-                let marker =
-                    SectorMarker::new(&mut present, sector, sector + run.start..sector + run.end);
-                layer.io.read(&sub, sector + run.start, marker).await?;
-            }
-            if present.is_full() {
-                break;
-            }
-            if layer.read_cache {
-                cache_snapshots.push((index, present.clone()));
-            }
-        }
-
-        // Fill read caches with what lower layers supplied. The cache never overwrites what
-        // it holds, so a write that raced with this read keeps its newer data.
-        for (index, before) in &cache_snapshots {
-            let cache = &self.layers[*index].io;
-            for run in present.newly_set_runs(before) {
-                let sub = buffers.subrange(self.bytes(run.start), self.bytes(run.end - run.start));
-                let sub = RequestBuffers::new(sub.guest_memory(), sub.range(), false);
-                // A cache that cannot be filled costs a later miss, not this read.
-                let _ = cache.write_no_overwrite(&sub, sector + run.start).await;
+            if index + 1 == upper_end && index < self.layers.len() - 1 {
+                // Missed a read cache: the rest is read, and the caches filled, through
+                // memory of our own. Boxed, as the miss path is rare and needs a buffer.
+                Box::pin(self.read_below_cache(buffers, sector, &mut present, visible, index))
+                    .await?;
             }
         }
 
@@ -366,6 +469,15 @@ impl DiskIo for LayeredDisk {
         if buffers.is_empty() {
             return Ok(());
         }
+        let count = self.sectors_of(buffers);
+        let _range = match self.lock_writes {
+            true => Some(
+                self.ranges
+                    .lock(sector..sector + count, Access::Exclusive)
+                    .await,
+            ),
+            false => None,
+        };
         for layer in self.layers[..self.write_path_len].iter().rev() {
             layer.io.write(buffers, sector, fua).await?;
         }
@@ -392,6 +504,14 @@ impl DiskIo for LayeredDisk {
         if count == 0 {
             return Ok(());
         }
+        let _range = match self.lock_writes {
+            true => Some(
+                self.ranges
+                    .lock(sector..sector + count, Access::Exclusive)
+                    .await,
+            ),
+            false => None,
+        };
         for index in (0..self.write_path_len).rev() {
             self.layers[index]
                 .io
@@ -420,6 +540,21 @@ impl DiskIo for LayeredDisk {
             .map(|layer| layer.io.register_memory(memory))
             .fold(Ok(()), Result::and)
     }
+}
+
+/// Copies `from` into `to`, which have the same length.
+fn copy(from: &RequestBuffers<'_>, to: &RequestBuffers<'_>) -> Result<(), DiskError> {
+    let mut reader = from.reader();
+    let mut writer = to.writer();
+    let mut chunk = [0; 4096];
+    let mut left = from.len();
+    while left > 0 {
+        let n = left.min(chunk.len());
+        reader.read(&mut chunk[..n])?;
+        writer.write(&chunk[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bounce;
 mod disk;
 mod disk_layer;
 mod layer;
