@@ -32,6 +32,16 @@
 //!   zero-copy I/O, and a failure never stops the disk.
 //! - A failed request leaves no state a later read could mistake for a completed one beyond
 //!   what the medium semantics allow (sectors of a failed write may hold old or new data).
+//! - **Sector atomicity.** Requests on disjoint ranges never affect each other. The order of
+//!   overlapping requests in flight together is unspecified, but each sector is atomic: a
+//!   read racing an overlapping write or unmap returns every sector whole, as it was before
+//!   or after, and two racing writes leave each sector holding one of them, never a mix
+//!   (as real disks promise for one logical block, and some guests rely on). Backends that
+//!   copy through the host page cache, which does not promise it, order overlapping
+//!   requests with a [`range_lock::RangeLock`]; `O_DIRECT` leaves it to the device.
+//!   Decorators keep it: encryption writes each sector's ciphertext in one request, a
+//!   striped sector lives on one member, a layered read takes each sector from one layer.
+//!   `disk_conformance::sector_atomicity` checks it for every backend.
 //!
 //! ```
 //! use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};

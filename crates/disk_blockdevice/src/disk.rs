@@ -4,6 +4,7 @@ use crate::pr::{self, DevicePr};
 use crate::ring::{self, Completions, FixedBufferStats, Op, Owned, Ring, RingError};
 use crate::sys::{self, DeviceNumber, Sysfs};
 use crate::uevent::{self, SizeWatch};
+use disk_backend::range_lock::{Access, RangeGuard, RangeLock};
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
 use request_buffers::{BounceBuffer, GuestMemory, MemoryWrite, RequestBuffers};
 use std::fs::File;
@@ -181,6 +182,10 @@ pub struct BlockDeviceDisk {
     pr: Option<DevicePr>,
     /// [`BlockDeviceOptions::fixed_buffers`].
     fixed_buffers: bool,
+    /// Orders overlapping requests through the page cache, which tears a sector that a read
+    /// copies while a write copies into it. `None` with `O_DIRECT`: the device transfers
+    /// whole sectors.
+    ranges: Option<RangeLock>,
 }
 
 impl BlockDeviceDisk {
@@ -310,6 +315,7 @@ impl BlockDeviceDisk {
             unmap_behavior,
             pr,
             fixed_buffers: options.fixed_buffers,
+            ranges: (!options.direct).then(RangeLock::new),
         })
     }
 
@@ -383,6 +389,15 @@ impl BlockDeviceDisk {
         sector << self.sector_shift
     }
 
+    /// Holds `count` sectors at `sector` for `access`, where overlapping requests need
+    /// ordering (buffered I/O).
+    async fn hold(&self, sector: u64, count: u64, access: Access) -> Option<RangeGuard<'_>> {
+        match &self.ranges {
+            Some(ranges) => Some(ranges.lock(sector..sector + count, access).await),
+            None => None,
+        }
+    }
+
     /// Whether the kernel can use `buffers` directly: always without `O_DIRECT`; with it,
     /// when every piece is aligned to the logical sector size.
     fn is_zero_copy(&self, buffers: &RequestBuffers<'_>) -> bool {
@@ -449,6 +464,7 @@ impl BlockDeviceDisk {
         }
         let offset = self.byte_offset(sector);
         let len = self.byte_offset(count);
+        let _range = self.hold(sector, count, Access::Exclusive).await;
         match self.kind {
             Kind::Device => self.device_range(sys::BLKZEROOUT, offset, len).await,
             Kind::File => {
@@ -630,6 +646,8 @@ impl DiskIo for BlockDeviceDisk {
         let op = Op::Read {
             offset: self.byte_offset(sector),
         };
+        let count = (buffers.len() >> self.sector_shift) as u64;
+        let _range = self.hold(sector, count, Access::Shared).await;
         if self.is_zero_copy(buffers) {
             let locked = buffers.lock(true)?;
             self.transfer(op, Owned::Locked(locked)).await?;
@@ -667,6 +685,8 @@ impl DiskIo for BlockDeviceDisk {
             offset: self.byte_offset(sector),
             dsync: fua,
         };
+        let count = (buffers.len() >> self.sector_shift) as u64;
+        let _range = self.hold(sector, count, Access::Exclusive).await;
         let owned = if self.is_zero_copy(buffers) {
             Owned::Locked(buffers.lock(false)?)
         } else {
@@ -697,6 +717,7 @@ impl DiskIo for BlockDeviceDisk {
         }
         let offset = self.byte_offset(sector);
         let len = self.byte_offset(count);
+        let _range = self.hold(sector, count, Access::Exclusive).await;
         match self.kind {
             Kind::Device => self.device_range(sys::BLKDISCARD, offset, len).await,
             Kind::File => {

@@ -16,7 +16,9 @@
 //! - [`unmap_semantics`]: unmapped sectors read back as the disk's
 //!   [`UnmapBehavior`] promises;
 //! - [`model`]: random reads, writes, unmaps and flushes, many in flight at once, checked
-//!   against a plain in-memory reference.
+//!   against a plain in-memory reference;
+//! - [`sector_atomicity`]: a read racing an overlapping write sees every sector whole, from
+//!   before or after the write, never a mix.
 //!
 //! [`conformance_tests!`] turns all of them into `#[test]`s:
 //!
@@ -34,9 +36,11 @@
 
 #![forbid(unsafe_code)]
 
+mod atomicity;
 mod model;
 mod probe;
 
+pub use atomicity::sector_atomicity;
 pub use model::{FIXED_SEED, model, model_with_seed, seeds};
 pub use probe::MemoryProbe;
 
@@ -471,6 +475,13 @@ macro_rules! conformance_tests {
             fn conformance_model() {
                 if let Some(f) = factory() {
                     $crate::model(&f);
+                }
+            }
+
+            #[test]
+            fn conformance_sector_atomicity() {
+                if let Some(f) = factory() {
+                    $crate::sector_atomicity(&f);
                 }
             }
         }

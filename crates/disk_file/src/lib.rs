@@ -25,7 +25,13 @@
 //!   grows by itself; [`wait_resize`](DiskIo::wait_resize) watches the file (every
 //!   [`RESIZE_POLL`]) and picks up a size another process gave it (`truncate -s`), which is how
 //!   a frontend learns about a resize;
-//! - a file opened read-only refuses writes and unmaps with [`DiskError::ReadOnly`].
+//! - a file opened read-only refuses writes and unmaps with [`DiskError::ReadOnly`];
+//! - a read racing an overlapping write sees every sector whole, from before or after the
+//!   write. The page cache does not promise that (it copies a page while another copy into
+//!   it runs: on ext4 here, 5% of 64 KiB reads racing writes came back with a torn sector),
+//!   so overlapping requests are ordered by a
+//!   [`RangeLock`](disk_backend::range_lock::RangeLock): one uncontended mutex per request;
+//!   requests on disjoint ranges never wait for each other.
 //!
 //! Linux only (it relies on `pwritev2` and `fallocate`).
 //!
@@ -47,6 +53,7 @@ mod sys;
 
 pub use resolve::FileResolver;
 
+use disk_backend::range_lock::{Access, RangeLock};
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
 use request_buffers::RequestBuffers;
 use std::fs::File;
@@ -138,6 +145,9 @@ pub struct FileDisk {
     /// Cleared when the file system refuses `RWF_NOWAIT` on a read, or on a write.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// Orders overlapping requests, which the page cache does not: see the [crate
+    /// documentation](crate).
+    ranges: RangeLock,
 }
 
 /// Which requests run on the calling thread.
@@ -209,6 +219,7 @@ impl FileDisk {
             inline,
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
+            ranges: RangeLock::new(),
         })
     }
 
@@ -241,6 +252,11 @@ impl FileDisk {
 
     fn byte_offset(&self, sector: u64) -> u64 {
         sector << self.sector_shift
+    }
+
+    /// The sectors a request of `len` bytes at `sector` covers.
+    fn sectors(&self, sector: u64, len: usize) -> std::ops::Range<u64> {
+        sector..sector + (len as u64 >> self.sector_shift)
     }
 
     /// Reads the file's size again and returns the sector count it gives. A file that
@@ -297,6 +313,10 @@ impl DiskIo for FileDisk {
         let locked = buffers.lock(true)?;
         let offset = self.byte_offset(sector);
         let len = buffers.len();
+        let _range = self
+            .ranges
+            .lock(self.sectors(sector, len), Access::Shared)
+            .await;
         let done = self
             .try_inline(
                 len,
@@ -330,6 +350,10 @@ impl DiskIo for FileDisk {
         let locked = buffers.lock(false)?;
         let offset = self.byte_offset(sector);
         let len = buffers.len();
+        let _range = self
+            .ranges
+            .lock(self.sectors(sector, len), Access::Exclusive)
+            .await;
         // A FUA write waits for the device by definition: only a file in memory does it here.
         let done = if fua && self.inline != Inline::Memory {
             0
@@ -378,6 +402,10 @@ impl DiskIo for FileDisk {
         let file = self.file.clone();
         let offset = self.byte_offset(sector);
         let len = self.byte_offset(count);
+        let _range = self
+            .ranges
+            .lock(sector..sector + count, Access::Exclusive)
+            .await;
         blocking::unblock(move || sys::punch_hole(&file, offset, len))
             .await
             .map_err(DiskError::Io)
