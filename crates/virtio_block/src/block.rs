@@ -1,7 +1,9 @@
 //! The virtio block device.
 
 use crate::config::{BlockConfig, NewDeviceError, VirtioBlkConfig, limits};
-use crate::device::{ActivateError, RestoreError, VirtioDevice, VirtioDeviceType, VirtioInterrupt};
+use crate::device::{
+    ActivateError, ConfigState, RestoreError, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
+};
 use crate::engine::disk::DiskEngine;
 use crate::engine::sync::{BlockBackend, SyncEngine};
 use crate::engine::{Capacity, DeviceShared, EngineContext};
@@ -419,6 +421,32 @@ impl VirtioDevice for BlockDevice {
             .enumerate()
             .map(|(i, restored)| live.get(i).copied().flatten().unwrap_or(*restored))
             .collect()
+    }
+
+    fn save_config(&self) -> ConfigState {
+        let capacity = self.capacity_sectors();
+        ConfigState {
+            generation: self.shared.capacity.lock().generation,
+            capacity,
+            writeback: Some(self.shared.writeback.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn restore_config(&mut self, state: &ConfigState) -> Result<(), RestoreError> {
+        if self.engine.is_some() {
+            return Err(RestoreError::Active);
+        }
+        if let Some(writeback) = state.writeback {
+            self.shared.writeback.store(writeback, Ordering::Relaxed);
+        }
+        let sectors = self.refresh_capacity();
+        let mut capacity = self.shared.capacity.lock();
+        capacity.generation = state.generation;
+        if sectors << (self.sector_shift - blk::SECTOR_SHIFT) != state.capacity {
+            // The driver last saw another size: a new generation tells it to look again.
+            capacity.generation = capacity.generation.wrapping_add(1);
+        }
+        Ok(())
     }
 
     fn restore_queues(&mut self, states: &[QueueState]) -> Result<(), RestoreError> {

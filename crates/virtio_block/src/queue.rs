@@ -42,6 +42,7 @@
 use crate::descriptor::{ChainError, DescriptorChain, read_chain};
 use crate::spec::ring::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
 use guestmem::{AccessError, GuestMemory};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{Ordering, fence};
 use thiserror::Error;
 use zerocopy::little_endian::U32;
@@ -49,7 +50,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Where a queue lives and whether the driver made it ready: what the transport (MMIO
 /// registers, or a vhost-user peer) configures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     /// The largest size the device supports (`QueueNumMax`).
     pub max_size: u16,
@@ -87,7 +88,7 @@ impl QueueConfig {
 
 /// How far the device has got through a queue: what a snapshot saves and a restore resumes
 /// from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     /// The next available-ring index the device will read.
     pub next_avail: u16,
