@@ -77,6 +77,7 @@
 
 mod disk;
 mod error;
+pub mod host_file;
 pub mod pr;
 pub mod resolve;
 pub mod sync_wrapper;
