@@ -110,9 +110,9 @@ impl OpenHostFileError {
             Self::Open { source, .. } | Self::Direct { source, .. } | Self::Read { source, .. } => {
                 source.kind()
             }
-            Self::NotAFileOrDevice { .. } | Self::NotARegularFile { .. } | Self::TooLarge { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Self::NotAFileOrDevice { .. }
+            | Self::NotARegularFile { .. }
+            | Self::TooLarge { .. } => io::ErrorKind::InvalidInput,
         };
         io::Error::new(kind, self)
     }

@@ -8,7 +8,7 @@ use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_ra
 use request_buffers::{BounceBuffer, GuestMemory, MemoryWrite, RequestBuffers};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -84,11 +84,23 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
-    /// The path is neither a block device nor a regular file.
-    #[error("{} is neither a block device nor a regular file", path.display())]
+    /// The path is neither a block device nor a regular file (a FIFO, a directory, a
+    /// character device such as `/dev/null`): refused at once, without waiting on it.
+    #[error("{} is a {kind}, not a regular file or a block device", path.display())]
     NotADisk {
         /// The path.
         path: PathBuf,
+        /// What it is, in words (`fifo`, `directory`, `character device`, ...).
+        kind: &'static str,
+    },
+    /// The file or device refused `O_DIRECT` (open with `buffered` instead).
+    #[error("{} does not support direct I/O (O_DIRECT)", path.display())]
+    DirectUnsupported {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// Reading the geometry (size, sector sizes, read-only flag) failed.
     #[error("cannot read the geometry of the disk")]
@@ -192,34 +204,35 @@ impl BlockDeviceDisk {
                 queue_depth: options.queue_depth,
             });
         }
+        // Opened without blocking and checked before O_DIRECT is set, so a FIFO neither
+        // hangs the open nor is refused with a bare EINVAL (disk_backend::host_file).
         let open = |write: bool| {
-            let mut open = std::fs::OpenOptions::new();
-            open.read(true).write(write);
-            if options.direct {
-                open.custom_flags(libc::O_DIRECT);
-            }
-            open.open(path).map_err(|source| OpenError::Open {
-                path: path.to_owned(),
-                source,
-            })
+            use disk_backend::host_file::{HostFileKind, OpenHostFileError, open_host_file};
+            let host = open_host_file(path, write, options.direct).map_err(|e| match e {
+                OpenHostFileError::NotAFileOrDevice { path, kind } => {
+                    OpenError::NotADisk { path, kind }
+                }
+                OpenHostFileError::Direct { path, source } => {
+                    OpenError::DirectUnsupported { path, source }
+                }
+                OpenHostFileError::Open { path, source } => OpenError::Open { path, source },
+                other => OpenError::Open {
+                    path: path.to_owned(),
+                    source: other.into_io_error(),
+                },
+            })?;
+            let kind = match host.kind {
+                HostFileKind::BlockDevice => Kind::Device,
+                HostFileKind::Regular => Kind::File,
+            };
+            Ok::<_, OpenError>((host.file, kind))
         };
         // Open read-only first: a read-only device refuses a writable open.
-        let file = open(false)?;
-        let metadata = file.metadata().map_err(OpenError::Geometry)?;
-        let file_type = metadata.file_type();
-        let kind = if file_type.is_block_device() {
-            Kind::Device
-        } else if file_type.is_file() {
-            Kind::File
-        } else {
-            return Err(OpenError::NotADisk {
-                path: path.to_owned(),
-            });
-        };
+        let (file, kind) = open(false)?;
         let device_read_only = kind == Kind::Device
             && sys::device_int(&file, sys::BLKROGET).map_err(OpenError::Geometry)? != 0;
         let read_only = options.read_only || device_read_only;
-        let file = if read_only { file } else { open(true)? };
+        let file = if read_only { file } else { open(true)?.0 };
         Self::from_parts(file, kind, read_only, options)
     }
 

@@ -34,6 +34,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod host;
 mod model;
 mod probe;
 

@@ -1,4 +1,4 @@
-//! A disk backed by a host file (or anything `open` returns that has a size).
+//! A disk backed by a host file or a block device (through the page cache).
 //!
 //! [`FileDisk`] serves [`DiskIo`] with positioned vectored I/O (`preadv`, `pwritev2`) run on
 //! a blocking thread pool, so the futures work under any executor and never block it. Data
@@ -104,6 +104,10 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// The path is not a regular file or a block device (a FIFO, a directory, a character
+    /// device): refused at once, without waiting on it.
+    #[error(transparent)]
+    NotAFile(disk_backend::host_file::OpenHostFileError),
     /// The file's size could not be determined.
     #[error("cannot determine the size of the file")]
     Size(#[source] io::Error),
@@ -152,18 +156,17 @@ enum Inline {
 }
 
 impl FileDisk {
-    /// Opens `path` (read-write unless `options.read_only`).
+    /// Opens `path` (read-write unless `options.read_only`), which must be a regular file or
+    /// a block device; anything else ([`OpenError::NotAFile`]) is refused at once, a FIFO
+    /// included (opened without blocking, then checked).
     pub fn open(path: impl AsRef<Path>, options: &FileDiskOptions) -> Result<Self, OpenError> {
+        use disk_backend::host_file::{OpenHostFileError, open_host_file};
         let path = path.as_ref();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!options.read_only)
-            .open(path)
-            .map_err(|source| OpenError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        Self::from_file(file, options)
+        let host = open_host_file(path, !options.read_only, false).map_err(|e| match e {
+            OpenHostFileError::Open { path, source } => OpenError::Open { path, source },
+            other => OpenError::NotAFile(other),
+        })?;
+        Self::from_file(host.file, options)
     }
 
     /// Serves an open file. `options.read_only` must be set if the file is not open for

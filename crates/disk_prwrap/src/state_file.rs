@@ -34,6 +34,9 @@ const VERSION: u32 = 1;
 /// Magic, version and payload length.
 const HEADER_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 4;
+/// The longest file the format can describe (a payload length is 32 bits): a load never
+/// reads more.
+const MAX_FILE_LEN: u64 = (HEADER_LEN + CHECKSUM_LEN) as u64 + u32::MAX as u64;
 
 /// Restoring the reservation state from its file failed.
 #[derive(Debug, Error)]
@@ -229,17 +232,20 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ReservationState, DecodeStateError>
     Ok(state)
 }
 
-/// Reads the state file at `path`; a missing file is a fresh, empty state.
+/// Reads the state file at `path`; a missing file is a fresh, empty state. Anything but a
+/// regular file (a FIFO, a directory, a device) is refused at once, without waiting on it,
+/// and no more than the format allows is ever read.
 pub(crate) fn load(path: &Path) -> Result<ReservationState, LoadStateError> {
-    let bytes = match std::fs::read(path) {
+    use disk_backend::host_file::{OpenHostFileError, read_small_file};
+    let bytes = match read_small_file(path, MAX_FILE_LEN) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+        Err(OpenHostFileError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             return Ok(ReservationState::default());
         }
-        Err(source) => {
+        Err(error) => {
             return Err(LoadStateError::Read {
                 path: path.to_path_buf(),
-                source,
+                source: error.into_io_error(),
             });
         }
     };
