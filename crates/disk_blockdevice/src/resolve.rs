@@ -51,12 +51,13 @@ impl ResolveDisk for BlockDeviceResolver {
             }
             Some(other) => {
                 return Err(ctx.error(format!(
-                    "`completions` is `thread`{}, not `{other}`",
+                    "`completions` is `thread`{}, not `{}`",
                     if cfg!(feature = "tokio") {
                         " or `tokio`"
                     } else {
                         " (built without the `tokio` feature)"
-                    }
+                    },
+                    disk_backend::resolve::shown(other)
                 )));
             }
         };
