@@ -144,7 +144,7 @@ mod tests {
                 }
             }
             Err(e) if e.contains("io_uring") => {
-                eprintln!("skipping: io_uring is not available here: {e}");
+                disk_conformance::skip::skip(format!("io_uring is not available here: {e}"));
                 return;
             }
             Err(e) => panic!("{e}"),

@@ -1936,7 +1936,9 @@ mod tests {
         match Ring::new(fd.as_raw_fd(), 16, &[], Completions::Owner, spin) {
             Ok(ring) => Some(ring),
             Err(e) => {
-                eprintln!("skipping: no owner-mode ring (io_uring with DEFER_TASKRUN): {e}");
+                disk_conformance::skip::skip(format!(
+                    "no owner-mode ring (io_uring with DEFER_TASKRUN): {e}"
+                ));
                 None
             }
         }
@@ -1952,7 +1954,9 @@ mod tests {
             .batching
             .load(Ordering::Relaxed);
         if !batching {
-            eprintln!("skipping the batching checks: no multishot timeouts (Linux 6.4)");
+            disk_conformance::skip::skip(
+                "the batching checks: no multishot timeouts (io_uring, Linux 6.4)",
+            );
         }
         batching
     }

@@ -493,7 +493,7 @@ async fn works_under_tokio() {
 #[test]
 fn open_errors() {
     if let Some(reason) = support::io_uring_unavailable() {
-        eprintln!("skipping: {reason}");
+        disk_conformance::skip::skip(reason);
         return;
     }
     let options = BlockDeviceOptions::default();

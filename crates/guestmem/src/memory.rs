@@ -659,7 +659,7 @@ mod tests {
         assert_eq!(mem.read_plain::<u8>(2 * huge - 1).unwrap(), 7);
         mem.write_plain(4 * huge, &9u8).unwrap();
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
-            eprintln!("skipped the advice check: this kernel has no transparent huge pages");
+            test_skip::skip_optional("the advice check: this kernel has no transparent huge pages");
             return;
         }
         // `hg`: advised MADV_HUGEPAGE.
