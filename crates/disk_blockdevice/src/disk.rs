@@ -122,6 +122,15 @@ pub enum OpenError {
         /// Logical sector size in bytes.
         sector_size: u32,
     },
+    /// The file's (or device's) size is not a whole number of sectors: its tail would be out
+    /// of reach.
+    #[error("the disk holds {size} bytes, not a whole number of {sector_size}-byte sectors")]
+    PartialSector {
+        /// Size in bytes.
+        size: u64,
+        /// Logical sector size in bytes.
+        sector_size: u32,
+    },
     /// An `O_DIRECT` read of one sector failed: the file system does not accept direct I/O
     /// at the requested sector size.
     #[error("the file does not accept direct I/O of {sector_size}-byte sectors")]
@@ -261,6 +270,12 @@ impl BlockDeviceDisk {
         let sector_count = size_bytes >> sector_shift;
         if sector_count == 0 {
             return Err(OpenError::TooSmall {
+                size: size_bytes,
+                sector_size: logical,
+            });
+        }
+        if !size_bytes.is_multiple_of(u64::from(logical)) {
+            return Err(OpenError::PartialSector {
                 size: size_bytes,
                 sector_size: logical,
             });

@@ -38,3 +38,44 @@ fn non_disks_are_refused_at_once() {
         }
     }
 }
+
+/// A regular file whose size is not a whole number of sectors is refused, saying so,
+/// instead of silently losing its tail.
+#[test]
+fn a_partial_last_sector_is_refused() {
+    if let Some(reason) = io_uring_unavailable() {
+        disk_conformance::skip::skip(reason);
+        return;
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(4096 + 100).unwrap();
+    let path = file.path().display();
+    for spec in [
+        format!("blockdev({path}, buffered)"),
+        format!("blockdev({path}, buffered, ro)"),
+        format!("blockdev({path}, buffered, sector_size=4096)"),
+    ] {
+        let error = resolve(spec.clone()).unwrap_err();
+        assert!(!error.contains('\n'), "{spec}: {error}");
+        assert!(
+            error.contains("4196 bytes") && error.contains("not a whole number of"),
+            "{spec}: {error}"
+        );
+    }
+}
+
+/// Why io_uring cannot be used here, if it cannot.
+fn io_uring_unavailable() -> Option<String> {
+    let file = tempfile::NamedTempFile::new().ok()?;
+    file.as_file().set_len(4096).ok()?;
+    match disk_blockdevice::BlockDeviceDisk::open(
+        file.path(),
+        &disk_blockdevice::BlockDeviceOptions {
+            direct: false,
+            ..Default::default()
+        },
+    ) {
+        Err(disk_blockdevice::OpenError::Ring(e)) => Some(format!("io_uring is unavailable ({e})")),
+        _ => None,
+    }
+}

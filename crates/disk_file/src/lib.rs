@@ -117,6 +117,14 @@ pub enum OpenError {
     /// The physical sector size is not a power of two of at least the logical size.
     #[error("invalid physical sector size {0}: must be a power of two of at least the sector size")]
     InvalidPhysicalSectorSize(u32),
+    /// The file's size is not a whole number of sectors: its tail would be out of reach.
+    #[error("the file holds {size} bytes, not a whole number of {sector_size}-byte sectors")]
+    PartialSector {
+        /// File size in bytes.
+        size: u64,
+        /// Sector size in bytes.
+        sector_size: u32,
+    },
     /// The file is smaller than one sector.
     #[error("the file holds {size} bytes, less than one {sector_size}-byte sector")]
     TooSmall {
@@ -172,7 +180,9 @@ impl FileDisk {
     /// Serves an open file. `options.read_only` must be set if the file is not open for
     /// writing (writes would fail with `EBADF` otherwise).
     ///
-    /// The size is the file's size (or a block device's) now, rounded down to whole sectors.
+    /// The size is the file's size (or a block device's) now, which must be a whole number
+    /// of sectors ([`OpenError::PartialSector`] otherwise: the tail would be out of reach
+    /// without a word).
     pub fn from_file(file: File, options: &FileDiskOptions) -> Result<Self, OpenError> {
         let sector_size = options.sector_size;
         if sector_size < 512 || !sector_size.is_power_of_two() {
@@ -188,6 +198,9 @@ impl FileDisk {
         let sector_count = size / sector_size as u64;
         if sector_count == 0 {
             return Err(OpenError::TooSmall { size, sector_size });
+        }
+        if !size.is_multiple_of(u64::from(sector_size)) {
+            return Err(OpenError::PartialSector { size, sector_size });
         }
         let unmap_behavior = if !options.read_only && sys::supports_punch_hole(&file, size) {
             UnmapBehavior::Zeroes

@@ -135,9 +135,17 @@ fn open_errors() {
 }
 
 #[test]
-fn trailing_partial_sector_is_ignored_and_file_never_grows() {
+fn a_trailing_partial_sector_is_refused_and_the_file_never_grows() {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(10 * 512 + 100).unwrap();
+    assert!(matches!(
+        FileDisk::open(file.path(), &FileDiskOptions::default()),
+        Err(OpenError::PartialSector {
+            size: 5220,
+            sector_size: 512
+        })
+    ));
+    file.as_file().set_len(10 * 512).unwrap();
     let disk =
         Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
     assert_eq!(disk.sector_count(), 10);
@@ -147,7 +155,7 @@ fn trailing_partial_sector_is_ignored_and_file_never_grows() {
         Err(DiskError::IllegalBlock)
     ));
     block_on(disk.write_vectored(&buf.buffers(false), 8, true)).unwrap();
-    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512 + 100);
+    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512);
 }
 
 #[test]

@@ -35,3 +35,27 @@ fn non_files_are_refused_at_once() {
         }
     }
 }
+
+/// A file whose size is not a whole number of sectors is refused, saying so, instead of
+/// silently losing its tail.
+#[test]
+fn a_partial_last_sector_is_refused() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(4096 + 100).unwrap();
+    let path = file.path().display();
+    for spec in [
+        format!("file({path})"),
+        format!("file({path}, ro)"),
+        format!("file({path}, sector_size=4096)"),
+    ] {
+        let error = resolve(spec.clone()).unwrap_err();
+        assert!(!error.contains('\n'), "{spec}: {error}");
+        assert!(
+            error.contains("4196 bytes") && error.contains("not a whole number of"),
+            "{spec}: {error}"
+        );
+    }
+    // Whole sectors are fine.
+    file.as_file().set_len(8192).unwrap();
+    assert_eq!(resolve(format!("file({path})")).unwrap().sector_count(), 16);
+}

@@ -50,6 +50,17 @@ pub enum LoadStateError {
         #[source]
         source: io::Error,
     },
+    /// The file could never be saved: its directory does not exist, is on a read-only
+    /// mount, or refuses new files. Found when the wrapper is built, so that the first
+    /// command asking for persistence does not discover it.
+    #[error("reservation state file {} cannot be written", path.display())]
+    Unwritable {
+        /// The state file.
+        path: PathBuf,
+        /// Why a file cannot be created next to it.
+        #[source]
+        source: io::Error,
+    },
     /// The file is torn, damaged, or not a reservation state file.
     #[error("reservation state file {} is corrupt", path.display())]
     Corrupt {
@@ -255,13 +266,29 @@ pub(crate) fn load(path: &Path) -> Result<ReservationState, LoadStateError> {
     })
 }
 
+/// Checks that [`save`] can replace the file at `path`: creates (and removes) a temporary
+/// file in its directory, as `save` does.
+pub(crate) fn check_writable(path: &Path) -> Result<(), LoadStateError> {
+    tempfile::NamedTempFile::new_in(directory(path))
+        .map(drop)
+        .map_err(|source| LoadStateError::Unwritable {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory holding `path`.
+fn directory(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Atomically replaces the file at `path` with `bytes`: temporary file in the same
 /// directory, `fsync`, rename, `fsync` of the directory. Blocking.
 pub(crate) fn save(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = directory(path);
     // The temporary file deletes itself if anything below fails before the rename.
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(bytes)?;
