@@ -42,9 +42,11 @@
 // which safe Rust cannot borrow (it may change under us), and `fallocate` has no std wrapper.
 #![allow(unsafe_code)]
 
+pub mod io_log;
 mod resolve;
 mod sys;
 
+pub use io_log::Syscall;
 pub use resolve::FileResolver;
 
 use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_range};
@@ -150,6 +152,8 @@ pub struct FileDisk {
     /// Cleared when the file system refuses `RWF_NOWAIT` on a read, or on a write.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// The syscalls made, with the `io-log` feature.
+    io_log: io_log::IoLog,
 }
 
 /// Which requests run on the calling thread.
@@ -225,7 +229,15 @@ impl FileDisk {
             inline,
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
+            io_log: io_log::IoLog::default(),
         })
+    }
+
+    /// The write and flush syscalls made since the last call, oldest first, with the flags
+    /// passed to the kernel (feature `io-log`; see [`io_log`]).
+    #[cfg(feature = "io-log")]
+    pub fn take_io_log(&self) -> Vec<Syscall> {
+        self.io_log.take()
     }
 
     /// Tries a transfer of `len` bytes on the calling thread, as [`Inline`] allows, with
@@ -353,8 +365,17 @@ impl DiskIo for FileDisk {
             self.try_inline(
                 len,
                 &self.nowait_writes,
-                || sys::write_all_at(&self.file, locked.io_buffers(), 0, offset, fua),
-                || sys::write_nowait(&self.file, locked.io_buffers(), offset),
+                || {
+                    sys::write_all_at(
+                        &self.file,
+                        locked.io_buffers(),
+                        0,
+                        offset,
+                        fua,
+                        &self.io_log,
+                    )
+                },
+                || sys::write_nowait(&self.file, locked.io_buffers(), offset, &self.io_log),
             )
             .map_err(DiskError::Io)?
         };
@@ -362,20 +383,28 @@ impl DiskIo for FileDisk {
             return Ok(());
         }
         let file = self.file.clone();
-        blocking::unblock(move || sys::write_all_at(&file, locked.io_buffers(), done, offset, fua))
-            .await
-            .map_err(DiskError::Io)
+        let log = self.io_log.clone();
+        blocking::unblock(move || {
+            sys::write_all_at(&file, locked.io_buffers(), done, offset, fua, &log)
+        })
+        .await
+        .map_err(DiskError::Io)
     }
 
     async fn sync_cache(&self) -> Result<(), DiskError> {
         if self.inline == Inline::Memory {
             // Nothing to wait for: the data has no other place to go.
+            self.io_log.record(|| Syscall::Fdatasync);
             return self.file.sync_data().map_err(DiskError::Io);
         }
         let file = self.file.clone();
-        blocking::unblock(move || file.sync_data())
-            .await
-            .map_err(DiskError::Io)
+        let log = self.io_log.clone();
+        blocking::unblock(move || {
+            log.record(|| Syscall::Fdatasync);
+            file.sync_data()
+        })
+        .await
+        .map_err(DiskError::Io)
     }
 
     async fn unmap(
