@@ -393,6 +393,14 @@ impl BlockDeviceDisk {
         &self.geometry
     }
 
+    /// The submission entries this disk handed the kernel since the last call, oldest
+    /// first, decoded from their bytes (feature `io-log`; see [`crate::io_log`]). Recording
+    /// starts with the first call, which returns nothing.
+    #[cfg(feature = "io-log")]
+    pub fn take_io_log(&self) -> Vec<crate::Submission> {
+        self.ring.take_io_log()
+    }
+
     /// Whether the disk is a block device (as opposed to a regular file).
     pub fn is_block_device(&self) -> bool {
         self.kind == Kind::Device

@@ -19,26 +19,36 @@ pub enum Syscall {
     Fdatasync,
 }
 
-/// Where a disk records its syscalls; a clone shares the record.
+/// Where a disk records its syscalls, from the first [`take`](Self::take) on (so that a
+/// disk nobody asks records nothing and allocates nothing); a clone shares the record.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct IoLog {
     #[cfg(feature = "io-log")]
-    calls: std::sync::Arc<parking_lot::Mutex<Vec<Syscall>>>,
+    calls: std::sync::Arc<(
+        std::sync::atomic::AtomicBool,
+        parking_lot::Mutex<Vec<Syscall>>,
+    )>,
 }
 
 impl IoLog {
-    /// Records the syscall `call` describes (only called with the feature).
+    /// Records the syscall `call` describes (only with the feature, once recording
+    /// started).
     #[inline]
     pub(crate) fn record(&self, call: impl FnOnce() -> Syscall) {
         #[cfg(feature = "io-log")]
-        self.calls.lock().push(call());
+        if self.calls.0.load(std::sync::atomic::Ordering::Relaxed) {
+            self.calls.1.lock().push(call());
+        }
         #[cfg(not(feature = "io-log"))]
         let _ = call;
     }
 
-    /// Takes what was recorded since the last call.
+    /// Takes what was recorded since the last call; the first call starts recording.
     #[cfg(feature = "io-log")]
     pub(crate) fn take(&self) -> Vec<Syscall> {
-        std::mem::take(&mut *self.calls.lock())
+        self.calls
+            .0
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        std::mem::take(&mut *self.calls.1.lock())
     }
 }

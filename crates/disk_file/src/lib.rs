@@ -234,7 +234,8 @@ impl FileDisk {
     }
 
     /// The write and flush syscalls made since the last call, oldest first, with the flags
-    /// passed to the kernel (feature `io-log`; see [`io_log`]).
+    /// passed to the kernel (feature `io-log`; see [`io_log`]). Recording starts with the
+    /// first call, which returns nothing.
     #[cfg(feature = "io-log")]
     pub fn take_io_log(&self) -> Vec<Syscall> {
         self.io_log.take()
