@@ -102,7 +102,9 @@ impl fmt::Debug for BlockDevice {
 }
 
 impl BlockDevice {
-    /// A block device over `backend` (a [`Disk`], or an `Arc` of a [`BlockBackend`]).
+    /// A block device over `backend` (a [`Disk`], or an `Arc` of a [`BlockBackend`]). A
+    /// `BlockBackend` whose size is not a whole number of its blocks is refused
+    /// ([`NewDeviceError::PartialBlock`]), as `FileDisk` refuses a partial last sector.
     pub fn new(config: BlockConfig, backend: impl Into<Backend>) -> Result<Self, NewDeviceError> {
         let backend = backend.into();
         if config.num_queues == 0 {
@@ -137,6 +139,14 @@ impl BlockDevice {
         };
         if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
             return Err(NewDeviceError::BlockSize(block_size));
+        }
+        if let Backend::Sync(b) = &backend
+            && !b.size_bytes().is_multiple_of(u64::from(block_size))
+        {
+            return Err(NewDeviceError::PartialBlock {
+                size_bytes: b.size_bytes(),
+                block_size,
+            });
         }
         let read_only = read_only || config.read_only;
         let id = match &config.serial {

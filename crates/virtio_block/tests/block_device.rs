@@ -80,3 +80,23 @@ fn other_file_types_are_refused() {
         }
     }
 }
+
+/// A backing file whose size is not a whole number of blocks is refused, as `file` and
+/// `blockdev` refuse it, instead of silently losing its tail.
+#[test]
+fn a_partial_last_block_is_refused() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(4096 + 100).unwrap();
+    for block_size in [512, 4096] {
+        let backend = SyncFileBackend::open(file.path(), false)
+            .unwrap()
+            .with_block_size(block_size);
+        let error = BlockDevice::new(BlockConfig::default(), std::sync::Arc::new(backend))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("4196 bytes") && error.contains(&format!("{block_size}-byte")),
+            "{error}"
+        );
+    }
+}
