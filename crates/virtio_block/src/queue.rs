@@ -3,9 +3,9 @@
 //! # Memory ordering
 //!
 //! The driver and the device share the rings with no lock, so the order in which each side's
-//! accesses become visible to the other is the protocol. Ring contents (descriptors, ring
-//! entries' neighbours, used elements) are copied with plain accesses. The 16-bit fields the
-//! other side may be writing at the same moment (`avail.flags`, `avail.idx`, the available
+//! accesses become visible to the other is the protocol. Descriptors and used elements are
+//! copied with plain accesses (the protocol gives each to one side at a time). The 16-bit
+//! fields the other side may be writing at the same moment (`avail.flags`, `avail.idx`, the available
 //! ring entries, `used_event`, `avail_event`, `used.idx`) go through
 //! [`GuestMemory::read_atomic_u16`] and [`GuestMemory::write_atomic_u16`]: one relaxed atomic
 //! access each, so a concurrent update is seen whole or not at all. A byte copy of a `u16`
