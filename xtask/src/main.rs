@@ -14,11 +14,14 @@ usage: cargo xtask <verb> [args]
 verbs:
   fmt                 check formatting (cargo fmt --check)
   clippy              lint every target; warnings are errors
-  test                run every test, doc tests included
+  test                run every test, doc tests included; prints the skipped tests
+                      and why at the end (docs/testing.md, Skips)
   doc                 build the docs; warnings are errors
   ci                  fmt, clippy, test, doc, fuzz smoke, in that order; stops at the
                       first failure (the fuzz smoke is skipped, saying so, without
-                      nightly and cargo-fuzz)
+                      nightly and cargo-fuzz); ends with the count of skipped tests and
+                      their reasons. With CI=true a test that would skip for lack of
+                      root, loop devices, io_uring, qemu-img or openssl fails instead
   stress [SEEDS]      the conformance model tests and the concurrency consistency tests
                       over SEEDS random seeds (default 200), release build; set
                       DISK_CONFORMANCE_SEED=N to replay one seed
@@ -117,12 +120,79 @@ fn clippy() -> Result {
 }
 
 fn test() -> Result {
+    let result = run_tests();
+    print_skips();
+    result
+}
+
+/// Every test, recording skips in [`skip_log`] (emptied first).
+fn run_tests() -> Result {
+    let log = skip_log();
+    match std::fs::remove_file(&log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot empty {}: {e}", log.display()));
+        }
+        _ => {}
+    }
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let mut c = cargo();
     c.args(["test", "--workspace", "--all-targets", "--locked"]);
+    c.env(test_skip::SKIP_LOG_ENV, &log);
     run("test", c)?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--doc", "--locked"]);
+    c.env(test_skip::SKIP_LOG_ENV, &log);
     run("doc tests", c)
+}
+
+/// The file tests append their skips to (`test_skip`): `skipped-tests.log` in the target
+/// directory, as an absolute path since each test runs in its crate's directory.
+fn skip_log() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::PathBuf::from("target"),
+        std::path::PathBuf::from,
+    );
+    let target = if target.is_absolute() {
+        target
+    } else {
+        std::env::current_dir().unwrap_or_default().join(target)
+    };
+    target.join("skipped-tests.log")
+}
+
+/// Prints how many tests skipped and why, from [`skip_log`].
+fn print_skips() {
+    let text = std::fs::read_to_string(skip_log()).unwrap_or_default();
+    eprint!("{}", skip_summary(&text));
+}
+
+/// The summary of a skip log (`TEST<TAB>REASON` lines): the count, then each reason with
+/// how many tests it skipped and the first few of them.
+fn skip_summary(log: &str) -> String {
+    let mut reasons: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    let mut count = 0;
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        let (test, reason) = line.split_once('\t').unwrap_or(("?", line));
+        reasons.entry(reason).or_default().push(test);
+        count += 1;
+    }
+    if count == 0 {
+        return "xtask: no test skipped\n".into();
+    }
+    let mut out = format!("xtask: {count} skipped (tests or parts of tests), by reason:\n");
+    for (reason, tests) in &reasons {
+        let shown: Vec<&str> = tests.iter().take(3).copied().collect();
+        let more = if tests.len() > 3 { ", ..." } else { "" };
+        out += &format!(
+            "  {:>4}  {reason}\n        ({}{more})\n",
+            tests.len(),
+            shown.join(", ")
+        );
+    }
+    out
 }
 
 fn doc() -> Result {
@@ -135,9 +205,10 @@ fn doc() -> Result {
 fn ci() -> Result {
     fmt()?;
     clippy()?;
-    test()?;
-    doc()?;
-    fuzz_smoke()?;
+    let tested = run_tests().and_then(|()| doc()).and_then(|()| fuzz_smoke());
+    // The skips are worth seeing whether or not a later step failed.
+    print_skips();
+    tested?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
@@ -206,9 +277,20 @@ fn fuzz(args: &[String]) -> Result {
 
 fn fuzz_smoke() -> Result {
     if !fuzz_available() {
-        eprintln!(
-            "xtask: fuzz smoke SKIPPED: needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`)"
-        );
+        let reason =
+            "fuzz smoke: needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`)";
+        eprintln!("xtask: fuzz smoke SKIPPED: {reason}");
+        // Counted with the tests' skips at the end of `ci`.
+        let record = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(skip_log())
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, format!("xtask fuzz\t{reason}\n").as_bytes())
+            });
+        if let Err(e) = record {
+            eprintln!("xtask: cannot record the skip: {e}");
+        }
         return Ok(());
     }
     for target in fuzz_targets()? {
@@ -284,4 +366,24 @@ fn run_main_job(args: &[String]) -> Result {
     ]);
     c.args(args);
     run("run", c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_summary;
+
+    #[test]
+    fn skips_are_counted_by_reason() {
+        assert_eq!(skip_summary(""), "xtask: no test skipped\n");
+        let log = "a::one\tloop devices need root\n\
+                   a::two\tloop devices need root\n\
+                   b::three\tno huge pages\n";
+        let summary = skip_summary(log);
+        assert!(summary.starts_with("xtask: 3 skipped"), "{summary}");
+        assert!(
+            summary.contains("     2  loop devices need root\n        (a::one, a::two)"),
+            "{summary}"
+        );
+        assert!(summary.contains("     1  no huge pages"), "{summary}");
+    }
 }

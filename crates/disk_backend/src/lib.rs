@@ -87,6 +87,7 @@
 
 mod disk;
 mod error;
+pub mod host_file;
 pub mod pr;
 pub mod range_lock;
 pub mod resolve;

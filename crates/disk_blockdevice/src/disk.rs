@@ -9,7 +9,7 @@ use disk_backend::{DiskError, DiskIo, UnmapBehavior, check_range, check_unmap_ra
 use request_buffers::{BounceBuffer, GuestMemory, MemoryWrite, RequestBuffers};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -85,11 +85,23 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
-    /// The path is neither a block device nor a regular file.
-    #[error("{} is neither a block device nor a regular file", path.display())]
+    /// The path is neither a block device nor a regular file (a FIFO, a directory, a
+    /// character device such as `/dev/null`): refused at once, without waiting on it.
+    #[error("{} is a {kind}, not a regular file or a block device", path.display())]
     NotADisk {
         /// The path.
         path: PathBuf,
+        /// What it is, in words (`fifo`, `directory`, `character device`, ...).
+        kind: &'static str,
+    },
+    /// The file or device refused `O_DIRECT` (open with `buffered` instead).
+    #[error("{} does not support direct I/O (O_DIRECT)", path.display())]
+    DirectUnsupported {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// Reading the geometry (size, sector sizes, read-only flag) failed.
     #[error("cannot read the geometry of the disk")]
@@ -106,6 +118,15 @@ pub enum OpenError {
     /// The disk holds less than one sector.
     #[error("the disk holds {size} bytes, less than one {sector_size}-byte sector")]
     TooSmall {
+        /// Size in bytes.
+        size: u64,
+        /// Logical sector size in bytes.
+        sector_size: u32,
+    },
+    /// The file's (or device's) size is not a whole number of sectors: its tail would be out
+    /// of reach.
+    #[error("the disk holds {size} bytes, not a whole number of {sector_size}-byte sectors")]
+    PartialSector {
         /// Size in bytes.
         size: u64,
         /// Logical sector size in bytes.
@@ -197,34 +218,35 @@ impl BlockDeviceDisk {
                 queue_depth: options.queue_depth,
             });
         }
+        // Opened without blocking and checked before O_DIRECT is set, so a FIFO neither
+        // hangs the open nor is refused with a bare EINVAL (disk_backend::host_file).
         let open = |write: bool| {
-            let mut open = std::fs::OpenOptions::new();
-            open.read(true).write(write);
-            if options.direct {
-                open.custom_flags(libc::O_DIRECT);
-            }
-            open.open(path).map_err(|source| OpenError::Open {
-                path: path.to_owned(),
-                source,
-            })
+            use disk_backend::host_file::{HostFileKind, OpenHostFileError, open_host_file};
+            let host = open_host_file(path, write, options.direct).map_err(|e| match e {
+                OpenHostFileError::NotAFileOrDevice { path, kind } => {
+                    OpenError::NotADisk { path, kind }
+                }
+                OpenHostFileError::Direct { path, source } => {
+                    OpenError::DirectUnsupported { path, source }
+                }
+                OpenHostFileError::Open { path, source } => OpenError::Open { path, source },
+                other => OpenError::Open {
+                    path: path.to_owned(),
+                    source: other.into_io_error(),
+                },
+            })?;
+            let kind = match host.kind {
+                HostFileKind::BlockDevice => Kind::Device,
+                HostFileKind::Regular => Kind::File,
+            };
+            Ok::<_, OpenError>((host.file, kind))
         };
         // Open read-only first: a read-only device refuses a writable open.
-        let file = open(false)?;
-        let metadata = file.metadata().map_err(OpenError::Geometry)?;
-        let file_type = metadata.file_type();
-        let kind = if file_type.is_block_device() {
-            Kind::Device
-        } else if file_type.is_file() {
-            Kind::File
-        } else {
-            return Err(OpenError::NotADisk {
-                path: path.to_owned(),
-            });
-        };
+        let (file, kind) = open(false)?;
         let device_read_only = kind == Kind::Device
             && sys::device_int(&file, sys::BLKROGET).map_err(OpenError::Geometry)? != 0;
         let read_only = options.read_only || device_read_only;
-        let file = if read_only { file } else { open(true)? };
+        let file = if read_only { file } else { open(true)?.0 };
         Self::from_parts(file, kind, read_only, options)
     }
 
@@ -253,6 +275,12 @@ impl BlockDeviceDisk {
         let sector_count = size_bytes >> sector_shift;
         if sector_count == 0 {
             return Err(OpenError::TooSmall {
+                size: size_bytes,
+                sector_size: logical,
+            });
+        }
+        if !size_bytes.is_multiple_of(u64::from(logical)) {
+            return Err(OpenError::PartialSector {
                 size: size_bytes,
                 sector_size: logical,
             });
@@ -369,6 +397,14 @@ impl BlockDeviceDisk {
     /// The geometry read at open.
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// The submission entries this disk handed the kernel since the last call, oldest
+    /// first, decoded from their bytes (feature `io-log`; see [`crate::io_log`]). Recording
+    /// starts with the first call, which returns nothing.
+    #[cfg(feature = "io-log")]
+    pub fn take_io_log(&self) -> Vec<crate::Submission> {
+        self.ring.take_io_log()
     }
 
     /// Whether the disk is a block device (as opposed to a regular file).

@@ -99,6 +99,7 @@
 #![cfg(target_os = "linux")]
 
 mod disk;
+pub mod io_log;
 mod pr;
 mod resolve;
 mod ring;
@@ -106,6 +107,7 @@ mod sys;
 mod uevent;
 
 pub use disk::{BlockDeviceDisk, BlockDeviceOptions, Geometry, MAX_QUEUE_DEPTH, OpenError};
+pub use io_log::Submission;
 pub use resolve::BlockDeviceResolver;
 pub use ring::{Completions, FixedBufferStats, OwnerDriver, RingError};
 pub use sys::DeviceNumber;

@@ -51,12 +51,13 @@ impl ResolveDisk for BlockDeviceResolver {
             }
             Some(other) => {
                 return Err(ctx.error(format!(
-                    "`completions` is `thread`{}, not `{other}`",
+                    "`completions` is `thread`{}, not `{}`",
                     if cfg!(feature = "tokio") {
                         " or `tokio`"
                     } else {
                         " (built without the `tokio` feature)"
-                    }
+                    },
+                    disk_backend::resolve::shown(other)
                 )));
             }
         };
@@ -143,7 +144,7 @@ mod tests {
                 }
             }
             Err(e) if e.contains("io_uring") => {
-                eprintln!("skipping: io_uring is not available here: {e}");
+                disk_conformance::skip::skip(format!("io_uring is not available here: {e}"));
                 return;
             }
             Err(e) => panic!("{e}"),

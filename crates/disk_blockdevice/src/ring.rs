@@ -665,6 +665,8 @@ struct Shared {
     spin: Duration,
     /// [`Completions::Owner`] mode's state.
     owner: Option<OwnerState>,
+    /// The entries submitted, with the `io-log` feature.
+    io_log: crate::io_log::IoLog,
 }
 
 /// The state of [`Completions::Owner`] mode.
@@ -1053,6 +1055,12 @@ pub(crate) struct Ring {
 impl Ring {
     /// A ring of `entries` slots over `fd`, which must stay open for the ring's lifetime.
     /// Fails if io_uring is unavailable or lacks one of `opcodes`.
+    /// The submission entries recorded since the last call (feature `io-log`).
+    #[cfg(feature = "io-log")]
+    pub(crate) fn take_io_log(&self) -> Vec<crate::io_log::Submission> {
+        self.shared.io_log.take()
+    }
+
     pub(crate) fn new(
         fd: RawFd,
         entries: u32,
@@ -1163,6 +1171,7 @@ impl Ring {
             thread: Mutex::new(None),
             spin: completion_spin,
             owner,
+            io_log: Default::default(),
         });
         match completions {
             Completions::Thread => {
@@ -1325,6 +1334,7 @@ impl Ring {
             _ => None,
         };
         let entry = op.entry(&slot.iovecs, skip, buffer).user_data(index as u64);
+        shared.io_log.record(&entry);
         slot.owned = owned;
         slot.fixed = buffer.is_some();
         slot.state = SlotState::InFlight(Some(waker.clone()));
@@ -1936,7 +1946,9 @@ mod tests {
         match Ring::new(fd.as_raw_fd(), 16, &[], Completions::Owner, spin) {
             Ok(ring) => Some(ring),
             Err(e) => {
-                eprintln!("skipping: no owner-mode ring (io_uring with DEFER_TASKRUN): {e}");
+                disk_conformance::skip::skip(format!(
+                    "no owner-mode ring (io_uring with DEFER_TASKRUN): {e}"
+                ));
                 None
             }
         }
@@ -1952,7 +1964,9 @@ mod tests {
             .batching
             .load(Ordering::Relaxed);
         if !batching {
-            eprintln!("skipping the batching checks: no multishot timeouts (Linux 6.4)");
+            disk_conformance::skip::skip(
+                "the batching checks: no multishot timeouts (io_uring, Linux 6.4)",
+            );
         }
         batching
     }

@@ -63,7 +63,7 @@ disk_conformance::conformance_tests!(
 #[test]
 fn loop_model_more_seeds() {
     if let Some(reason) = loop_unavailable() {
-        eprintln!("skipping: {reason}");
+        disk_conformance::skip::skip(reason);
         return;
     }
     let factory = disk_conformance::factory(|spec: &DiskSpec| loop_disk(spec, 512));

@@ -106,6 +106,76 @@ fn fua_writes_reach_the_backing_file_without_a_flush() {
     assert_eq!(&l.device().backing_bytes()[10 * 512..18 * 512], &data[..]);
 }
 
+/// What the kernel is asked, per request: every write entry of a FUA write carries
+/// `RWF_DSYNC` and no other write entry does, neither brings an `fsync`, and a flush is one
+/// data-sync `fsync`. Checked on a loop device with `O_DIRECT` (zero-copy and, for an
+/// unaligned buffer, bounced), buffered, and on a regular file. The backing file holds the
+/// same bytes with or without the flag, so only the record of the submission entries
+/// (`take_io_log`, feature `io-log`, decoded from the entries' bytes) can tell.
+#[test]
+fn fua_reaches_the_kernel_as_rwf_dsync() {
+    use disk_blockdevice::Submission;
+    let direct = BlockDeviceOptions::default();
+    let buffered = BlockDeviceOptions {
+        direct: false,
+        ..Default::default()
+    };
+    let mut disks: Vec<(&str, Arc<BlockDeviceDisk>, Box<dyn std::any::Any>)> = Vec::new();
+    for (what, options) in [("loop, direct", &direct), ("loop, buffered", &buffered)] {
+        let Some(l) = LoopDisk::new(4 * MIB, &["--direct-io=on"], options) else {
+            return;
+        };
+        disks.push((what, l.disk.clone(), Box::new(l)));
+    }
+    let Some(f) = support::FileDisk::new(4 * MIB, &buffered) else {
+        return;
+    };
+    disks.push(("file", f.disk.clone(), Box::new(f)));
+    for (what, disk, _keep) in &disks {
+        disk.take_io_log();
+        // 4 KiB aligned, 1 MiB aligned, and 512 bytes at an odd offset into a page (a bounce
+        // buffer under O_DIRECT).
+        let aligned = OwnedRequestBuffers::from_slice(&vec![3u8; MIB as usize]);
+        for fua in [true, false] {
+            for (len, offset_in_page) in [(4096, 0), (MIB as usize, 0), (512, 8)] {
+                let buffers = aligned.buffers(false).subrange(offset_in_page, len);
+                block_on(disk.write_vectored(&buffers, 8, fua)).unwrap();
+                let log = disk.take_io_log();
+                let writes: Vec<bool> = log
+                    .iter()
+                    .map(|entry| match entry {
+                        Submission::Write { rw_flags, .. } => {
+                            *rw_flags & libc::RWF_DSYNC as u32 != 0
+                        }
+                        other => panic!("{what}: {other:?} in a write"),
+                    })
+                    .collect();
+                assert!(
+                    !writes.is_empty(),
+                    "{what}: {len} bytes, fua {fua}: no write"
+                );
+                assert!(
+                    writes.iter().all(|&dsync| dsync == fua),
+                    "{what}: {len} bytes, fua {fua}: {log:?}"
+                );
+            }
+        }
+        block_on(disk.sync_cache()).unwrap();
+        assert_eq!(
+            disk.take_io_log(),
+            [Submission::Fsync {
+                fsync_flags: io_uring_fsync_datasync()
+            }],
+            "{what}: flush"
+        );
+    }
+}
+
+/// `IORING_FSYNC_DATASYNC`.
+fn io_uring_fsync_datasync() -> u32 {
+    1
+}
+
 #[test]
 fn discard_and_write_zeroes_read_back_as_zeros() {
     let Some(l) = loop_disk(MIB, &["--direct-io=on"]) else {
@@ -493,7 +563,7 @@ async fn works_under_tokio() {
 #[test]
 fn open_errors() {
     if let Some(reason) = support::io_uring_unavailable() {
-        eprintln!("skipping: {reason}");
+        disk_conformance::skip::skip(reason);
         return;
     }
     let options = BlockDeviceOptions::default();

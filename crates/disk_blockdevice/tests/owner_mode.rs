@@ -94,7 +94,9 @@ fn file_disk_with(
     match BlockDeviceDisk::open(file.path(), options) {
         Ok(disk) => Some((disk, file)),
         Err(e) => {
-            eprintln!("skipping: no owner-mode ring here (io_uring with DEFER_TASKRUN): {e}");
+            disk_conformance::skip::skip(format!(
+                "no owner-mode ring here (io_uring with DEFER_TASKRUN): {e}"
+            ));
             None
         }
     }

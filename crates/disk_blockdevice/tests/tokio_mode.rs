@@ -72,7 +72,7 @@ mod loop_tokio {
             #[test]
             fn $check() {
                 if let Some(reason) = support::loop_devices_unavailable() {
-                    eprintln!("skipping: {reason}");
+                    disk_conformance::skip::skip(reason);
                     return;
                 }
                 disk_conformance::$check(&disk_conformance::factory(|spec: &DiskSpec| {
@@ -295,7 +295,7 @@ fn tokio_mode_needs_a_runtime_with_io() {
     match BlockDeviceDisk::open(file.path(), &options) {
         Err(OpenError::Ring(RingError::NoRuntime)) => {}
         Err(OpenError::Ring(RingError::Setup(e))) => {
-            eprintln!("skipping: io_uring is unavailable ({e})");
+            disk_conformance::skip::skip(format!("io_uring is unavailable ({e})"));
             return;
         }
         other => panic!("opened outside a runtime: {other:?}"),

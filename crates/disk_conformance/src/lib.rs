@@ -37,8 +37,13 @@
 #![forbid(unsafe_code)]
 
 mod atomicity;
+pub mod host;
 mod model;
 mod probe;
+
+/// Visible skips (the `test_skip` crate): `skipping: REASON`, a record `cargo xtask ci`
+/// counts, and a failure under `CI=true` for what CI machines have.
+pub use test_skip as skip;
 
 pub use atomicity::sector_atomicity;
 pub use model::{FIXED_SEED, model, model_with_seed, seeds};
@@ -414,9 +419,10 @@ pub fn unmap_semantics(factory: &impl DiskFactory) {
 /// `$factory` (a closure from [`&DiskSpec`](DiskSpec) to a backend) builds.
 ///
 /// With `skip_if: $unavailable` (an expression giving `Option<impl Display>`, evaluated in
-/// each test), a test whose `$unavailable` is `Some(reason)` says `skipping: reason` and
-/// passes without building a disk: for backends that need something the machine may lack
-/// (root for loop devices, a kernel feature).
+/// each test), a test whose `$unavailable` is `Some(reason)` is skipped through
+/// [`skip::skip`] without building a disk: for backends that need something the machine may
+/// lack (root for loop devices, a kernel feature). It says `skipping: reason` and passes,
+/// or fails under `CI=true`.
 #[macro_export]
 macro_rules! conformance_tests {
     ($name:ident, $factory:expr) => {
@@ -430,7 +436,7 @@ macro_rules! conformance_tests {
             /// The factory, or `None` (having said why) where the disks cannot be built.
             fn factory() -> Option<impl $crate::DiskFactory> {
                 if let Some(reason) = $unavailable {
-                    eprintln!("skipping: {reason}");
+                    $crate::skip::skip(reason);
                     return None;
                 }
                 Some($crate::factory($factory))

@@ -16,17 +16,22 @@ pub struct CryptResolver;
 
 fn read_key(ctx: &ResolveContext<'_>, key: &str) -> Result<Zeroizing<Vec<u8>>, ResolveError> {
     let bytes = if let Some(path) = key.strip_prefix('@') {
-        let data = Zeroizing::new(
-            std::fs::read(path)
-                .map_err(|e| ctx.error_with(format!("cannot read the key file {path}"), e))?,
-        );
-        if data.len() != KEY_BYTES {
-            return Err(ctx.error(format!(
-                "the key file {path} holds {} bytes; XTS-AES-256 needs exactly {KEY_BYTES}",
-                data.len()
-            )));
+        let data = read_key_file(path)
+            .map_err(|e| ctx.error_with(format!("cannot read the key file {path}"), e))?;
+        match data {
+            KeyFile::Key(key) => key,
+            KeyFile::Length(len) => {
+                return Err(ctx.error(format!(
+                    "the key file {path} holds {len} bytes; XTS-AES-256 needs exactly {KEY_BYTES}"
+                )));
+            }
+            KeyFile::TooLong => {
+                return Err(ctx.error(format!(
+                    "the key file {path} holds more than {KEY_BYTES} bytes; XTS-AES-256 needs \
+                     exactly {KEY_BYTES}"
+                )));
+            }
         }
-        data
     } else if let Some(hex) = key.strip_prefix("hex:") {
         if hex.len() != 2 * KEY_BYTES || !hex.is_ascii() {
             return Err(ctx.error(format!("a hex key is {} hex digits", 2 * KEY_BYTES)));
@@ -44,6 +49,41 @@ fn read_key(ctx: &ResolveContext<'_>, key: &str) -> Result<Zeroizing<Vec<u8>>, R
         return Err(ctx.error("`key` must be `@KEYFILE` or `hex:HEX`"));
     };
     Ok(bytes)
+}
+
+/// What a key file holds.
+enum KeyFile {
+    /// Exactly a key.
+    Key(Zeroizing<Vec<u8>>),
+    /// Fewer bytes than a key.
+    Length(usize),
+    /// More bytes than a key (not all read).
+    TooLong,
+}
+
+/// Reads a key file: a regular file (anything else, a FIFO or `/dev/zero`, is refused at
+/// once) of which at most one byte more than a key is read, into memory that is zeroed
+/// when dropped and never reallocated (a growing buffer would leave copies of the key in
+/// freed memory).
+fn read_key_file(path: &str) -> Result<KeyFile, std::io::Error> {
+    use std::io::Read;
+    let mut file = disk_backend::host_file::open_regular_file(path.as_ref(), false)
+        .map_err(disk_backend::host_file::OpenHostFileError::into_io_error)?;
+    let mut buffer = Zeroizing::new([0u8; KEY_BYTES + 1]);
+    let mut len = 0;
+    while len < buffer.len() {
+        match file.read(&mut buffer[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(match len {
+        KEY_BYTES => KeyFile::Key(Zeroizing::new(buffer[..KEY_BYTES].to_vec())),
+        n if n > KEY_BYTES => KeyFile::TooLong,
+        n => KeyFile::Length(n),
+    })
 }
 
 impl ResolveDisk for CryptResolver {

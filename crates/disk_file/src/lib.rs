@@ -1,4 +1,4 @@
-//! A disk backed by a host file (or anything `open` returns that has a size).
+//! A disk backed by a host file or a block device (through the page cache).
 //!
 //! [`FileDisk`] serves [`DiskIo`] with positioned vectored I/O (`preadv`, `pwritev2`) run on
 //! a blocking thread pool, so the futures work under any executor and never block it. Data
@@ -48,9 +48,11 @@
 // which safe Rust cannot borrow (it may change under us), and `fallocate` has no std wrapper.
 #![allow(unsafe_code)]
 
+pub mod io_log;
 mod resolve;
 mod sys;
 
+pub use io_log::Syscall;
 pub use resolve::FileResolver;
 
 use disk_backend::range_lock::{Access, RangeLock};
@@ -111,6 +113,10 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// The path is not a regular file or a block device (a FIFO, a directory, a character
+    /// device): refused at once, without waiting on it.
+    #[error(transparent)]
+    NotAFile(disk_backend::host_file::OpenHostFileError),
     /// The file's size could not be determined.
     #[error("cannot determine the size of the file")]
     Size(#[source] io::Error),
@@ -120,6 +126,14 @@ pub enum OpenError {
     /// The physical sector size is not a power of two of at least the logical size.
     #[error("invalid physical sector size {0}: must be a power of two of at least the sector size")]
     InvalidPhysicalSectorSize(u32),
+    /// The file's size is not a whole number of sectors: its tail would be out of reach.
+    #[error("the file holds {size} bytes, not a whole number of {sector_size}-byte sectors")]
+    PartialSector {
+        /// File size in bytes.
+        size: u64,
+        /// Sector size in bytes.
+        sector_size: u32,
+    },
     /// The file is smaller than one sector.
     #[error("the file holds {size} bytes, less than one {sector_size}-byte sector")]
     TooSmall {
@@ -148,6 +162,8 @@ pub struct FileDisk {
     /// Orders overlapping requests, which the page cache does not: see the [crate
     /// documentation](crate).
     ranges: RangeLock,
+    /// The syscalls made, with the `io-log` feature.
+    io_log: io_log::IoLog,
 }
 
 /// Which requests run on the calling thread.
@@ -162,24 +178,25 @@ enum Inline {
 }
 
 impl FileDisk {
-    /// Opens `path` (read-write unless `options.read_only`).
+    /// Opens `path` (read-write unless `options.read_only`), which must be a regular file or
+    /// a block device; anything else ([`OpenError::NotAFile`]) is refused at once, a FIFO
+    /// included (opened without blocking, then checked).
     pub fn open(path: impl AsRef<Path>, options: &FileDiskOptions) -> Result<Self, OpenError> {
+        use disk_backend::host_file::{OpenHostFileError, open_host_file};
         let path = path.as_ref();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!options.read_only)
-            .open(path)
-            .map_err(|source| OpenError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        Self::from_file(file, options)
+        let host = open_host_file(path, !options.read_only, false).map_err(|e| match e {
+            OpenHostFileError::Open { path, source } => OpenError::Open { path, source },
+            other => OpenError::NotAFile(other),
+        })?;
+        Self::from_file(host.file, options)
     }
 
     /// Serves an open file. `options.read_only` must be set if the file is not open for
     /// writing (writes would fail with `EBADF` otherwise).
     ///
-    /// The size is the file's size (or a block device's) now, rounded down to whole sectors.
+    /// The size is the file's size (or a block device's) now, which must be a whole number
+    /// of sectors ([`OpenError::PartialSector`] otherwise: the tail would be out of reach
+    /// without a word).
     pub fn from_file(file: File, options: &FileDiskOptions) -> Result<Self, OpenError> {
         let sector_size = options.sector_size;
         if sector_size < 512 || !sector_size.is_power_of_two() {
@@ -195,6 +212,9 @@ impl FileDisk {
         let sector_count = size / sector_size as u64;
         if sector_count == 0 {
             return Err(OpenError::TooSmall { size, sector_size });
+        }
+        if !size.is_multiple_of(u64::from(sector_size)) {
+            return Err(OpenError::PartialSector { size, sector_size });
         }
         let unmap_behavior = if !options.read_only && sys::supports_punch_hole(&file, size) {
             UnmapBehavior::Zeroes
@@ -220,7 +240,16 @@ impl FileDisk {
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
             ranges: RangeLock::new(),
+            io_log: io_log::IoLog::default(),
         })
+    }
+
+    /// The write and flush syscalls made since the last call, oldest first, with the flags
+    /// passed to the kernel (feature `io-log`; see [`io_log`]). Recording starts with the
+    /// first call, which returns nothing.
+    #[cfg(feature = "io-log")]
+    pub fn take_io_log(&self) -> Vec<Syscall> {
+        self.io_log.take()
     }
 
     /// Tries a transfer of `len` bytes on the calling thread, as [`Inline`] allows, with
@@ -361,8 +390,17 @@ impl DiskIo for FileDisk {
             self.try_inline(
                 len,
                 &self.nowait_writes,
-                || sys::write_all_at(&self.file, locked.io_buffers(), 0, offset, fua),
-                || sys::write_nowait(&self.file, locked.io_buffers(), offset),
+                || {
+                    sys::write_all_at(
+                        &self.file,
+                        locked.io_buffers(),
+                        0,
+                        offset,
+                        fua,
+                        &self.io_log,
+                    )
+                },
+                || sys::write_nowait(&self.file, locked.io_buffers(), offset, &self.io_log),
             )
             .map_err(DiskError::Io)?
         };
@@ -370,20 +408,28 @@ impl DiskIo for FileDisk {
             return Ok(());
         }
         let file = self.file.clone();
-        blocking::unblock(move || sys::write_all_at(&file, locked.io_buffers(), done, offset, fua))
-            .await
-            .map_err(DiskError::Io)
+        let log = self.io_log.clone();
+        blocking::unblock(move || {
+            sys::write_all_at(&file, locked.io_buffers(), done, offset, fua, &log)
+        })
+        .await
+        .map_err(DiskError::Io)
     }
 
     async fn sync_cache(&self) -> Result<(), DiskError> {
         if self.inline == Inline::Memory {
             // Nothing to wait for: the data has no other place to go.
+            self.io_log.record(|| Syscall::Fdatasync);
             return self.file.sync_data().map_err(DiskError::Io);
         }
         let file = self.file.clone();
-        blocking::unblock(move || file.sync_data())
-            .await
-            .map_err(DiskError::Io)
+        let log = self.io_log.clone();
+        blocking::unblock(move || {
+            log.record(|| Syscall::Fdatasync);
+            file.sync_data()
+        })
+        .await
+        .map_err(DiskError::Io)
     }
 
     async fn unmap(

@@ -1,5 +1,6 @@
 //! The syscalls: vectored positioned I/O on raw iovecs, hole punching, sizes.
 
+use crate::io_log::{IoLog, Syscall};
 use request_buffers::IoBuffer;
 use smallvec::SmallVec;
 use std::fs::File;
@@ -208,9 +209,18 @@ pub(crate) fn read_nowait(file: &File, buffers: &[IoBuffer], offset: u64) -> io:
 
 /// Writes what the page cache takes at once from `buffers` at `offset`, without waiting
 /// (see [`transfer_nowait`]).
-pub(crate) fn write_nowait(file: &File, buffers: &[IoBuffer], offset: u64) -> io::Result<usize> {
+pub(crate) fn write_nowait(
+    file: &File,
+    buffers: &[IoBuffer],
+    offset: u64,
+    log: &IoLog,
+) -> io::Result<usize> {
     let fd = file.as_raw_fd();
     transfer_nowait(buffers, offset, |iov, count, off| {
+        log.record(|| Syscall::Pwritev2 {
+            offset: off as u64,
+            flags: libc::RWF_NOWAIT,
+        });
         // SAFETY: as in `write_all_at`.
         unsafe { libc::pwritev2(fd, iov, count, off, libc::RWF_NOWAIT) }
     })
@@ -246,6 +256,7 @@ pub(crate) fn write_all_at(
     skip: usize,
     offset: u64,
     fua: bool,
+    log: &IoLog,
 ) -> io::Result<()> {
     let fd = file.as_raw_fd();
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
@@ -255,6 +266,10 @@ pub(crate) fn write_all_at(
         offset,
         io::ErrorKind::WriteZero,
         |iov, count, off| {
+            log.record(|| Syscall::Pwritev2 {
+                offset: off as u64,
+                flags,
+            });
             // SAFETY: the iovecs describe locked guest memory kept mapped by the caller; the
             // kernel only reads it.
             unsafe { libc::pwritev2(fd, iov, count, off, flags) }
@@ -263,7 +278,8 @@ pub(crate) fn write_all_at(
     match result {
         // Kernels before 4.7 lack RWF_DSYNC: write, then make it durable.
         Err(e) if fua && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            write_all_at(file, buffers, skip, offset, false)?;
+            write_all_at(file, buffers, skip, offset, false, log)?;
+            log.record(|| Syscall::Fdatasync);
             file.sync_data()
         }
         other => other,
@@ -280,7 +296,7 @@ mod tests {
         assert!(!is_in_memory(&File::open("/dev/null").unwrap()));
         match tempfile::tempfile_in("/dev/shm") {
             Ok(file) => assert!(is_in_memory(&file)),
-            Err(e) => eprintln!("skipped the tmpfs half: no /dev/shm ({e})"),
+            Err(e) => test_skip::skip_optional(format!("the tmpfs half: no /dev/shm ({e})")),
         }
         let dir = std::env::temp_dir();
         let on_tmp = tempfile::tempfile_in(&dir).unwrap();

@@ -25,7 +25,7 @@ fn shm_file() -> Option<std::fs::File> {
     match tempfile::tempfile_in("/dev/shm") {
         Ok(file) => Some(file),
         Err(e) => {
-            eprintln!("skipped: no tmpfs at /dev/shm ({e})");
+            disk_conformance::skip::skip_optional(format!("no tmpfs at /dev/shm ({e})"));
             None
         }
     }
@@ -135,9 +135,17 @@ fn open_errors() {
 }
 
 #[test]
-fn trailing_partial_sector_is_ignored_and_file_never_grows() {
+fn a_trailing_partial_sector_is_refused_and_the_file_never_grows() {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(10 * 512 + 100).unwrap();
+    assert!(matches!(
+        FileDisk::open(file.path(), &FileDiskOptions::default()),
+        Err(OpenError::PartialSector {
+            size: 5220,
+            sector_size: 512
+        })
+    ));
+    file.as_file().set_len(10 * 512).unwrap();
     let disk =
         Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();
     assert_eq!(disk.sector_count(), 10);
@@ -147,7 +155,7 @@ fn trailing_partial_sector_is_ignored_and_file_never_grows() {
         Err(DiskError::IllegalBlock)
     ));
     block_on(disk.write_vectored(&buf.buffers(false), 8, true)).unwrap();
-    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512 + 100);
+    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512);
 }
 
 #[test]
@@ -175,7 +183,9 @@ fn data_reaches_the_file_and_unmap_punches_holes() {
         );
         assert_eq!(file.as_file().metadata().unwrap().len(), size);
     } else {
-        eprintln!("skipping the hole check: this file system cannot punch holes");
+        disk_conformance::skip::skip_optional(
+            "the hole check: this file system cannot punch holes",
+        );
     }
 }
 
@@ -245,4 +255,55 @@ fn wait_resize_follows_the_file_growing_and_shrinking() {
         block_on(disk.read_vectored(&data.buffers(true), 1024)),
         Err(DiskError::IllegalBlock)
     ));
+}
+
+/// What reaches the kernel, per request: every `pwritev2` of a FUA write carries
+/// `RWF_DSYNC`, no other write does, neither asks for `fdatasync`, and a flush is exactly one
+/// `fdatasync`. Checked on a file on disk (small writes tried inline with `RWF_NOWAIT`,
+/// FUA in the pool), with every request in the pool, and on tmpfs (everything inline). The
+/// data in the file is the same with or without the flag, so only the record of the
+/// syscalls (`take_io_log`, feature `io-log`) can tell.
+#[test]
+fn fua_reaches_the_kernel_as_rwf_dsync() {
+    use disk_file::Syscall;
+    let mut files = vec![
+        ("disk, inline", tempfile::tempfile().unwrap(), true),
+        ("disk, pool", tempfile::tempfile().unwrap(), false),
+    ];
+    if let Some(file) = shm_file() {
+        files.push(("tmpfs", file, true));
+    }
+    for (what, file, inline_io) in files {
+        let disk = file_disk_in(file, 4096, 512, false, inline_io);
+        let dsync = |calls: &[Syscall]| {
+            calls
+                .iter()
+                .map(|call| match call {
+                    Syscall::Pwritev2 { flags, .. } => Some(flags & libc::RWF_DSYNC != 0),
+                    Syscall::Fdatasync => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        disk.take_io_log();
+        for (len, fua) in [
+            (4096, true),
+            (4096, false),
+            (1 << 20, true),
+            (1 << 20, false),
+        ] {
+            let data = OwnedRequestBuffers::from_slice(&vec![7u8; len]);
+            block_on(disk.write_vectored(&data.buffers(false), 8, fua)).unwrap();
+            let calls = dsync(&disk.take_io_log());
+            assert!(
+                !calls.is_empty(),
+                "{what}: {len} bytes, fua {fua}: no write"
+            );
+            assert!(
+                calls.iter().all(|call| *call == Some(fua)),
+                "{what}: {len} bytes, fua {fua}: {calls:?}"
+            );
+        }
+        block_on(disk.sync_cache()).unwrap();
+        assert_eq!(disk.take_io_log(), [Syscall::Fdatasync], "{what}: flush");
+    }
 }

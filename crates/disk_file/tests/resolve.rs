@@ -64,3 +64,46 @@ fn file_specs() {
         assert!(err.contains(error), "{spec}: {err}");
     }
 }
+
+/// An argument given twice is a duplicate, not an unknown argument.
+#[test]
+fn duplicate_arguments_are_named_as_such() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+    let path = file.path().display();
+    for spec in [
+        format!("file({path}, sector_size=4k, sector_size=8k)"),
+        format!("file({path}, sector_size=4k, sector_size=4k)"),
+    ] {
+        let error = resolve(&spec).unwrap_err();
+        assert!(
+            error.contains("duplicate argument `sector_size`"),
+            "{spec}: {error}"
+        );
+    }
+}
+
+/// Whatever the user typed is echoed at most 64 characters long (then `…`): a 100,000
+/// character kind or argument name makes a short error, not a 200 KB one.
+#[test]
+fn long_user_text_is_cut_in_errors() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+    let path = file.path().display();
+    let long = "x".repeat(100_000);
+    for spec in [
+        long.clone(),
+        format!("file({path}, {long}=1)"),
+        format!("file({path}, {long})"),
+        format!("file({path}, sector_size={long})"),
+    ] {
+        let error = resolve(&spec).unwrap_err();
+        assert!(
+            error.len() < 400,
+            "{} bytes: {}",
+            error.len(),
+            error.chars().take(400).collect::<String>()
+        );
+        assert!(error.contains(&format!("{}…", "x".repeat(64))), "{error}");
+    }
+}

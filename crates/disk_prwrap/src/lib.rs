@@ -193,13 +193,19 @@ impl DiskWithReservations {
     /// if the file cannot be read or is torn, damaged, or not a state file: starting empty
     /// instead would silently drop the fencing the cluster relies on.
     ///
-    /// The file is only written once an initiator turns persistence on. Its directory must
-    /// exist then; a failure to save fails that command with
+    /// The path must be a regular file or not exist, and a file must be creatable in its
+    /// directory (checked here with a temporary file, as a save does): a directory that
+    /// does not exist or a read-only mount fails with [`LoadStateError::Unwritable`] now,
+    /// rather than at the first command that asks for persistence.
+    ///
+    /// The file is only written once an initiator turns persistence on; a failure to save
+    /// then (a disk that filled up) fails that command with
     /// [`DiskError::Io`](disk_backend::DiskError::Io) and leaves the state unchanged. Only one
     /// wrapper may use a file at a time.
     pub fn with_state_file(inner: Disk, path: impl Into<PathBuf>) -> Result<Self, LoadStateError> {
         let path = path.into();
         let state = state_file::load(&path)?;
+        state_file::check_writable(&path)?;
         Ok(Self::with_state(inner, state, Some(path)))
     }
 

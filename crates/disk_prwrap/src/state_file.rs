@@ -34,6 +34,9 @@ const VERSION: u32 = 1;
 /// Magic, version and payload length.
 const HEADER_LEN: usize = 16;
 const CHECKSUM_LEN: usize = 4;
+/// The longest file the format can describe (a payload length is 32 bits): a load never
+/// reads more.
+const MAX_FILE_LEN: u64 = (HEADER_LEN + CHECKSUM_LEN) as u64 + u32::MAX as u64;
 
 /// Restoring the reservation state from its file failed.
 #[derive(Debug, Error)]
@@ -44,6 +47,17 @@ pub enum LoadStateError {
         /// The state file.
         path: PathBuf,
         /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file could never be saved: its directory does not exist, is on a read-only
+    /// mount, or refuses new files. Found when the wrapper is built, so that the first
+    /// command asking for persistence does not discover it.
+    #[error("reservation state file {} cannot be written", path.display())]
+    Unwritable {
+        /// The state file.
+        path: PathBuf,
+        /// Why a file cannot be created next to it.
         #[source]
         source: io::Error,
     },
@@ -229,17 +243,20 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ReservationState, DecodeStateError>
     Ok(state)
 }
 
-/// Reads the state file at `path`; a missing file is a fresh, empty state.
+/// Reads the state file at `path`; a missing file is a fresh, empty state. Anything but a
+/// regular file (a FIFO, a directory, a device) is refused at once, without waiting on it,
+/// and no more than the format allows is ever read.
 pub(crate) fn load(path: &Path) -> Result<ReservationState, LoadStateError> {
-    let bytes = match std::fs::read(path) {
+    use disk_backend::host_file::{OpenHostFileError, read_small_file};
+    let bytes = match read_small_file(path, MAX_FILE_LEN) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+        Err(OpenHostFileError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             return Ok(ReservationState::default());
         }
-        Err(source) => {
+        Err(error) => {
             return Err(LoadStateError::Read {
                 path: path.to_path_buf(),
-                source,
+                source: error.into_io_error(),
             });
         }
     };
@@ -249,13 +266,29 @@ pub(crate) fn load(path: &Path) -> Result<ReservationState, LoadStateError> {
     })
 }
 
+/// Checks that [`save`] can replace the file at `path`: creates (and removes) a temporary
+/// file in its directory, as `save` does.
+pub(crate) fn check_writable(path: &Path) -> Result<(), LoadStateError> {
+    tempfile::NamedTempFile::new_in(directory(path))
+        .map(drop)
+        .map_err(|source| LoadStateError::Unwritable {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The directory holding `path`.
+fn directory(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Atomically replaces the file at `path` with `bytes`: temporary file in the same
 /// directory, `fsync`, rename, `fsync` of the directory. Blocking.
 pub(crate) fn save(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = directory(path);
     // The temporary file deletes itself if anything below fails before the rename.
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(bytes)?;

@@ -313,7 +313,7 @@ fn prwrap_specs() {
             "prwrap(ram, controller=x)",
             "`controller`: `x` is not a number",
         ),
-        ("prwrap(ram, host=a, host=b)", "unknown argument `host`"),
+        ("prwrap(ram, host=a, host=b)", "duplicate argument `host`"),
         ("prwrap(bogus)", "prwrap/bogus[1]: unknown disk kind"),
     ] {
         let err = resolve(spec).unwrap_err();

@@ -19,7 +19,8 @@ pub struct StripedDisk {
     members: Vec<Disk>,
     layout: Layout,
     chunk_size_bytes: u32,
-    sector_count: u64,
+    /// The size given at construction, which pins it; `None`: the size follows the members.
+    pinned_sector_count: Option<u64>,
     sector_size: u32,
     sector_shift: u32,
     physical_sector_size: u32,
@@ -44,8 +45,13 @@ impl StripedDisk {
     /// The members must agree on sector size, sector count and read-only flag; the chunk
     /// size must be a non-zero multiple of the sector size; the size must be a whole number
     /// of stripes (`chunk_size_bytes * members.len()` bytes) and no larger than the
-    /// members together. The members' size is read once, here: the striped disk never
-    /// changes size.
+    /// members together.
+    ///
+    /// Without `sector_count` the size follows the members at run time: it is always the
+    /// whole stripes the smallest member holds (the chunk rule places every existing chunk
+    /// where it was, so growing adds stripes at the end), and [`DiskIo::wait_resize`]
+    /// completes when a member's resize changes it. A `sector_count` given here pins the
+    /// size.
     pub fn new(
         members: Vec<Disk>,
         chunk_size_bytes: Option<u32>,
@@ -88,6 +94,7 @@ impl StripedDisk {
         let layout = Layout::new(members.len(), (chunk_size_bytes / sector_size) as u64);
         // Saturating: a stripe set too large to count is only ever cut down by `sector_count`.
         let available = member_sectors.saturating_mul(members.len() as u64);
+        let pinned_sector_count = sector_count;
         let sector_count = sector_count.unwrap_or(available);
         if sector_count > available {
             return Err(NewStripedDiskError::TooLarge {
@@ -134,12 +141,28 @@ impl StripedDisk {
             unmap_behavior,
             layout,
             chunk_size_bytes,
-            sector_count,
+            pinned_sector_count,
             sector_size,
             sector_shift: sector_size.trailing_zeros(),
             is_read_only,
             members,
         })
+    }
+
+    /// The size the members hold now: the whole chunks of the smallest member, times the
+    /// member count (a member resized before the others does not count until they follow).
+    fn size_over_members(&self) -> u64 {
+        let chunk_sectors = u64::from(self.chunk_size_bytes >> self.sector_shift);
+        let smallest = self
+            .members
+            .iter()
+            .map(Disk::sector_count)
+            .min()
+            .unwrap_or(0);
+        // Saturating, as at construction: a size too large to count is never reached.
+        (smallest / chunk_sectors)
+            .saturating_mul(chunk_sectors)
+            .saturating_mul(self.members.len() as u64)
     }
 
     /// The member disks, in stripe order.
@@ -212,7 +235,8 @@ impl DiskIo for StripedDisk {
     }
 
     fn sector_count(&self) -> u64 {
-        self.sector_count
+        self.pinned_sector_count
+            .unwrap_or_else(|| self.size_over_members())
     }
 
     fn sector_size(&self) -> u32 {
@@ -295,6 +319,26 @@ impl DiskIo for StripedDisk {
 
     fn optimal_unmap_sectors(&self) -> u32 {
         self.optimal_unmap_sectors
+    }
+
+    async fn wait_resize(&self, sector_count: u64) -> u64 {
+        if self.pinned_sector_count.is_some() {
+            return futures::future::pending().await;
+        }
+        loop {
+            let current = self.size_over_members();
+            if current != sector_count {
+                return current;
+            }
+            // Any member's resize may change the size; each waiter is given the size read
+            // now, so a resize between the read and the wait completes it at once.
+            let waits: Vec<_> = self
+                .members
+                .iter()
+                .map(|member| member.wait_resize(member.sector_count()))
+                .collect();
+            futures::future::select_all(waits).await;
+        }
     }
 
     fn register_memory(&self, memory: &GuestMemory) -> Result<(), DiskError> {

@@ -13,7 +13,9 @@
 //! - An unmap sends one merged range to each member involved; a flush goes to every member.
 //! - Metadata folds over the members: the largest physical sector size and optimal unmap
 //!   granularity, FUA only if every member respects it, and the unmap behaviour the members
-//!   agree on (`Unspecified` if they disagree). The size is fixed at construction.
+//!   agree on (`Unspecified` if they disagree).
+//! - Without an explicit size, the size follows the members (the whole chunks of the
+//!   smallest, times `N`) and `wait_resize` completes when a member's resize changes it.
 //!
 //! ```
 //! use disk_backend::{Disk, DiskIo};

@@ -547,3 +547,71 @@ fn register_memory_reaches_every_member() {
     assert_eq!(failed_member(&error), Some(1));
     assert!(probes.iter().all(|probe| probe.calls() == 2));
 }
+
+/// A resize of the members reaches the striped disk: its size follows the smallest member
+/// (in whole stripes), and `wait_resize` completes when that changes, as every decorator's
+/// must (a virtio-blk device waits on it to tell the guest).
+#[test]
+fn wait_resize_follows_the_members() {
+    let members: Vec<Arc<RamDisk>> = (0..2)
+        .map(|_| Arc::new(RamDisk::new(64, 512).unwrap()))
+        .collect();
+    let disks = members
+        .iter()
+        .map(|m| Disk::new(m.clone()).unwrap())
+        .collect();
+    // Chunks of 8 sectors: a stripe is 16 sectors.
+    let striped = Disk::new(StripedDisk::new(disks, Some(4096), None).unwrap()).unwrap();
+    assert_eq!(striped.sector_count(), 128);
+    assert!(striped.wait_resize(128).now_or_never().is_none());
+
+    // Both members grow: the change is visible at once and to a waiter asking about the old
+    // size.
+    for member in &members {
+        member.resize(128).unwrap();
+    }
+    assert_eq!(striped.sector_count(), 256);
+    assert_eq!(striped.wait_resize(128).now_or_never(), Some(256));
+
+    // A waiter that started before the resize is woken by it; one member growing alone does
+    // not change the size (the smallest member decides), the second one does.
+    let waiter = std::thread::spawn({
+        let striped = striped.clone();
+        move || block_on(striped.wait_resize(256))
+    });
+    members[0].resize(200).unwrap();
+    assert_eq!(striped.sector_count(), 256);
+    members[1].resize(203).unwrap();
+    // 200 sectors per member hold 25 whole chunks of 8: 25 stripes of 16 sectors.
+    assert_eq!(waiter.join().unwrap(), 400);
+    assert_eq!(striped.sector_count(), 400);
+
+    // Past the new end is out of range; inside it works.
+    let buf = OwnedRequestBuffers::new(512);
+    assert!(block_on(striped.read_vectored(&buf.buffers(true), 399)).is_ok());
+    assert!(matches!(
+        block_on(striped.read_vectored(&buf.buffers(true), 400)),
+        Err(DiskError::IllegalBlock)
+    ));
+
+    // Shrinking is a change too.
+    for member in &members {
+        member.resize(32).unwrap();
+    }
+    assert_eq!(block_on(striped.wait_resize(400)), 64);
+}
+
+/// A size given at construction pins it: the members may grow without the disk changing.
+#[test]
+fn an_explicit_size_does_not_follow_the_members() {
+    let member = Arc::new(RamDisk::new(64, 512).unwrap());
+    let striped = StripedDisk::new(
+        vec![Disk::new(member.clone()).unwrap()],
+        Some(4096),
+        Some(32),
+    )
+    .unwrap();
+    member.resize(128).unwrap();
+    assert_eq!(striped.sector_count(), 32);
+    assert!(striped.wait_resize(32).now_or_never().is_none());
+}

@@ -411,3 +411,50 @@ fn serve_stops_cleanly_on_sigterm() {
     assert_eq!(rest, ["diskctl: stopped, disk flushed"]);
     assert!(!socket.exists(), "the socket is removed");
 }
+
+/// Paths and specs that used to hang, read without bound or echo megabytes: each is one line
+/// and exit 1 (under a watchdog, so a regression fails instead of hanging the run).
+#[test]
+fn hostile_paths_and_specs_are_one_line() {
+    use disk_conformance::host::{make_fifo, without_hanging};
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = make_fifo(dir.path(), "fifo").display().to_string();
+    let long_kind = "k".repeat(100_000);
+    let cases: Vec<(String, String)> = vec![
+        (format!("file:{fifo}"), format!("{fifo} is a fifo")),
+        (format!("file({fifo}, ro)"), format!("{fifo} is a fifo")),
+        (format!("blockdev({fifo})"), format!("{fifo} is a fifo")),
+        (
+            "blockdev(/dev/null)".into(),
+            "/dev/null is a character device".into(),
+        ),
+        (
+            format!("prwrap(ram, state={fifo})"),
+            format!("{fifo} is a fifo"),
+        ),
+        (
+            format!("crypt(ram, key=@{fifo})"),
+            format!("{fifo} is a fifo"),
+        ),
+        (
+            "crypt(ram, key=@/dev/zero)".into(),
+            "/dev/zero is a character device".into(),
+        ),
+        (
+            "prwrap(ram, state=/nonexistent/dir/x)".into(),
+            "cannot be written".into(),
+        ),
+        (
+            "ram(size=1M, size=2M)".into(),
+            "duplicate argument `size`".into(),
+        ),
+        (long_kind, format!("{}…", "k".repeat(64))),
+    ];
+    for (spec, fragment) in cases {
+        without_hanging(&spec.clone(), move || {
+            fails(&["info", &spec], &fragment);
+            let output = diskctl(&["info", &spec]);
+            assert!(output.stderr.len() < 1000, "{} bytes", output.stderr.len());
+        });
+    }
+}

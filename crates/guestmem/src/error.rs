@@ -44,6 +44,15 @@ pub enum AccessError {
     /// The buffers may only be read (for example the data of a disk write), not written.
     #[error("the buffers are not writable")]
     NotWritable,
+    /// An atomic access is not naturally aligned, in guest physical or in host memory, so it
+    /// cannot be made as one access.
+    #[error("atomic access of {size} bytes at guest address {gpa:#x} is misaligned")]
+    Misaligned {
+        /// The guest physical address of the access.
+        gpa: u64,
+        /// The size (and required alignment) of the access in bytes.
+        size: u64,
+    },
 }
 
 /// Building a [`GuestMemory`](crate::GuestMemory) failed.

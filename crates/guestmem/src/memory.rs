@@ -5,6 +5,7 @@ use crate::{AccessError, BuildError, PAGE_SIZE, PAGE_SIZE64};
 use std::any::Any;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The size of a transparent huge page (a PMD of 4 KiB pages on x86-64 and arm64).
@@ -202,6 +203,68 @@ impl GuestMemory {
         value: &T,
     ) -> Result<(), AccessError> {
         self.write_at(gpa, value.as_bytes())
+    }
+
+    /// Reads the `u16` at `gpa` (in host byte order) with one relaxed atomic load: the value
+    /// is one the guest stored, never a mix of two stores, whatever the compiler makes of a
+    /// copy. For fields another agent updates while we read them, such as virtqueue ring
+    /// indices; order the access against others with `std::sync::atomic::fence`.
+    ///
+    /// Fails with [`AccessError::Misaligned`] if `gpa` or its host address is not 2-byte
+    /// aligned, and as [`read_at`](Self::read_at) does if the memory is not there. Works on
+    /// read-only regions (a relaxed load of 2 bytes never writes).
+    pub fn read_atomic_u16(&self, gpa: u64) -> Result<u16, AccessError> {
+        let host = self.atomic_u16_host(gpa, false)?;
+        // SAFETY: `atomic_u16_host` checked that `host..host+2` lies inside one live region
+        // (kept alive by `self` for the duration of this call) and is 2-byte aligned, the
+        // alignment of `AtomicU16`. The reference is to an `AtomicU16`, whose `UnsafeCell`
+        // asserts neither immutability nor exclusivity, so concurrent writes by the guest are
+        // allowed; it lives only for this one load and is never handed out. A relaxed load
+        // of 2 bytes is a plain load instruction, which is sound on read-only mappings too
+        // (the "read-only memory" rules of `std::sync::atomic`).
+        let atomic = unsafe { AtomicU16::from_ptr(host.cast()) };
+        Ok(atomic.load(Ordering::Relaxed))
+    }
+
+    /// Writes `value` (in host byte order) to the `u16` at `gpa` with one relaxed atomic
+    /// store, so the guest never sees half of it. Order it against other accesses with
+    /// `std::sync::atomic::fence`.
+    ///
+    /// Fails with [`AccessError::Misaligned`] if `gpa` or its host address is not 2-byte
+    /// aligned, and as [`write_at`](Self::write_at) does if the memory is not there or is
+    /// read-only.
+    pub fn write_atomic_u16(&self, gpa: u64, value: u16) -> Result<(), AccessError> {
+        let host = self.atomic_u16_host(gpa, true)?;
+        // SAFETY: as in `read_atomic_u16`; in addition the region is writable (checked by
+        // `atomic_u16_host`), so the store cannot fault.
+        let atomic = unsafe { AtomicU16::from_ptr(host.cast()) };
+        atomic.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The host address of the aligned `u16` at `gpa`, inside one region (writable, if
+    /// `write`).
+    fn atomic_u16_host(&self, gpa: u64, write: bool) -> Result<*mut u8, AccessError> {
+        const SIZE: usize = size_of::<u16>();
+        let misaligned = AccessError::Misaligned {
+            gpa,
+            size: SIZE as u64,
+        };
+        if !gpa.is_multiple_of(SIZE as u64) {
+            return Err(misaligned);
+        }
+        let Some(host) = self.single_region(gpa, SIZE, write) else {
+            // Not backed, read-only, or (impossible for an aligned access, since regions
+            // start on pages) split between regions: the general check says which.
+            self.check_range(gpa, SIZE, write)?;
+            return Err(misaligned);
+        };
+        // Regions are page-aligned in guest addresses but only `external` callers decide the
+        // host address, which need not be aligned at all.
+        if !host.cast::<AtomicU16>().is_aligned() {
+            return Err(misaligned);
+        }
+        Ok(host)
     }
 
     /// The host address of `gpa..gpa+len` when that lies inside one region (writable, if
@@ -596,7 +659,7 @@ mod tests {
         assert_eq!(mem.read_plain::<u8>(2 * huge - 1).unwrap(), 7);
         mem.write_plain(4 * huge, &9u8).unwrap();
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
-            eprintln!("skipped the advice check: this kernel has no transparent huge pages");
+            test_skip::skip_optional("the advice check: this kernel has no transparent huge pages");
             return;
         }
         // `hg`: advised MADV_HUGEPAGE.
@@ -604,6 +667,72 @@ mod tests {
             let flags = vm_flags(host);
             assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
         }
+    }
+
+    #[test]
+    fn atomic_u16_accesses_are_checked() {
+        let mem = GuestMemory::builder()
+            .heap(0, PAGE_SIZE64)
+            .unwrap()
+            .build()
+            .unwrap();
+        mem.write_atomic_u16(0x10, 0xabcd).unwrap();
+        assert_eq!(mem.read_atomic_u16(0x10).unwrap(), 0xabcd);
+        assert_eq!(mem.read_plain::<u16>(0x10).unwrap(), 0xabcd);
+        let misaligned = AccessError::Misaligned { gpa: 0x11, size: 2 };
+        assert_eq!(mem.read_atomic_u16(0x11), Err(misaligned.clone()));
+        assert_eq!(mem.write_atomic_u16(0x11, 1), Err(misaligned));
+        assert_eq!(
+            mem.read_atomic_u16(PAGE_SIZE64),
+            Err(AccessError::OutOfRange {
+                gpa: PAGE_SIZE64,
+                len: 2
+            })
+        );
+        assert!(mem.read_atomic_u16(u64::MAX - 1).is_err());
+    }
+
+    #[test]
+    fn atomic_u16_on_read_only_memory() {
+        let file = tempfile_with_len(PAGE_SIZE);
+        std::os::unix::fs::FileExt::write_all_at(&file, &0x1234u16.to_ne_bytes(), 8).unwrap();
+        let mem = GuestMemory::builder()
+            .file(0, PAGE_SIZE64, std::os::fd::AsFd::as_fd(&file), 0, false)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(mem.read_atomic_u16(8).unwrap(), 0x1234);
+        assert_eq!(
+            mem.write_atomic_u16(8, 1),
+            Err(AccessError::ReadOnly { gpa: 8 })
+        );
+    }
+
+    /// A writer flipping a `u16` between 0x00ff and 0xff00 while a reader loads it: the
+    /// reader only ever sees one of the two (a torn access would show 0x0000 or 0xffff).
+    #[test]
+    fn atomic_u16_is_never_torn() {
+        use std::sync::atomic::AtomicBool;
+        let mem = GuestMemory::allocate(PAGE_SIZE);
+        let gpa = 0x7fe;
+        mem.write_atomic_u16(gpa, 0x00ff).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (mem, stop) = (mem.clone(), stop.clone());
+            move || {
+                let mut value = 0x00ffu16;
+                while !stop.load(Ordering::Relaxed) {
+                    value = value.rotate_left(8);
+                    mem.write_atomic_u16(gpa, value).unwrap();
+                }
+            }
+        });
+        for _ in 0..200_000 {
+            let value = mem.read_atomic_u16(gpa).unwrap();
+            assert!(value == 0x00ff || value == 0xff00, "torn: {value:#06x}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The virtio block device.
 
 use crate::config::{BlockConfig, NewDeviceError, VirtioBlkConfig, limits};
-use crate::device::{ActivateError, RestoreError, VirtioDevice, VirtioDeviceType, VirtioInterrupt};
+use crate::device::{
+    ActivateError, ConfigState, RestoreError, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
+};
 use crate::engine::disk::DiskEngine;
 use crate::engine::sync::{BlockBackend, SyncEngine};
 use crate::engine::{Capacity, DeviceShared, EngineContext};
@@ -100,7 +102,9 @@ impl fmt::Debug for BlockDevice {
 }
 
 impl BlockDevice {
-    /// A block device over `backend` (a [`Disk`], or an `Arc` of a [`BlockBackend`]).
+    /// A block device over `backend` (a [`Disk`], or an `Arc` of a [`BlockBackend`]). A
+    /// `BlockBackend` whose size is not a whole number of its blocks is refused
+    /// ([`NewDeviceError::PartialBlock`]), as `FileDisk` refuses a partial last sector.
     pub fn new(config: BlockConfig, backend: impl Into<Backend>) -> Result<Self, NewDeviceError> {
         let backend = backend.into();
         if config.num_queues == 0 {
@@ -135,6 +139,14 @@ impl BlockDevice {
         };
         if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
             return Err(NewDeviceError::BlockSize(block_size));
+        }
+        if let Backend::Sync(b) = &backend
+            && !b.size_bytes().is_multiple_of(u64::from(block_size))
+        {
+            return Err(NewDeviceError::PartialBlock {
+                size_bytes: b.size_bytes(),
+                block_size,
+            });
         }
         let read_only = read_only || config.read_only;
         let id = match &config.serial {
@@ -419,6 +431,32 @@ impl VirtioDevice for BlockDevice {
             .enumerate()
             .map(|(i, restored)| live.get(i).copied().flatten().unwrap_or(*restored))
             .collect()
+    }
+
+    fn save_config(&self) -> ConfigState {
+        let capacity = self.capacity_sectors();
+        ConfigState {
+            generation: self.shared.capacity.lock().generation,
+            capacity,
+            writeback: Some(self.shared.writeback.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn restore_config(&mut self, state: &ConfigState) -> Result<(), RestoreError> {
+        if self.engine.is_some() {
+            return Err(RestoreError::Active);
+        }
+        if let Some(writeback) = state.writeback {
+            self.shared.writeback.store(writeback, Ordering::Relaxed);
+        }
+        let sectors = self.refresh_capacity();
+        let mut capacity = self.shared.capacity.lock();
+        capacity.generation = state.generation;
+        if sectors << (self.sector_shift - blk::SECTOR_SHIFT) != state.capacity {
+            // The driver last saw another size: a new generation tells it to look again.
+            capacity.generation = capacity.generation.wrapping_add(1);
+        }
+        Ok(())
     }
 
     fn restore_queues(&mut self, states: &[QueueState]) -> Result<(), RestoreError> {

@@ -58,6 +58,15 @@ pub enum NewDeviceError {
     /// The backend's block size is not a power of two from 512 to 64 KiB.
     #[error("block size {0} is not a power of two from 512 to 65536")]
     BlockSize(u32),
+    /// A [`BlockBackend`](crate::BlockBackend)'s size is not a whole number of blocks: its
+    /// tail would be out of reach.
+    #[error("the backend holds {size_bytes} bytes, not a whole number of {block_size}-byte blocks")]
+    PartialBlock {
+        /// The backend's size in bytes.
+        size_bytes: u64,
+        /// The block size in bytes.
+        block_size: u32,
+    },
 }
 
 /// Upper bounds the device advertises for discard and write-zeroes requests.

@@ -9,6 +9,7 @@
 
 use crate::queue::{QueueConfig, QueueError, QueueState};
 use guestmem::GuestMemory;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -139,6 +140,30 @@ pub enum RestoreError {
     /// The saved transport state is not one the transport can be in.
     #[error("invalid saved transport state: {0}")]
     InvalidState(&'static str),
+    /// The saved state has a format version this build does not read.
+    #[error("saved state has format version {saved}, this build reads version {supported}")]
+    Version {
+        /// The version in the saved state.
+        saved: u32,
+        /// The version this build writes and reads.
+        supported: u32,
+    },
+}
+
+/// The run-time part of a device's configuration space, for a snapshot: what the driver
+/// wrote and what it has seen change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigState {
+    /// The configuration generation the driver last read. A restore keeps it (and moves it
+    /// on if the configuration changed meanwhile), so the driver never sees it go back.
+    pub generation: u32,
+    /// The size the configuration space reported, in the device's own unit (512-byte
+    /// sectors for a block device): a restore over a disk that changed size meanwhile
+    /// announces the change.
+    pub capacity: u64,
+    /// The cache mode the driver chose (the block device's `writeback` field, `CONFIG_WCE`);
+    /// `None` for a device without one.
+    pub writeback: Option<bool>,
 }
 
 /// A virtio device, as seen by a transport.
@@ -210,4 +235,12 @@ pub trait VirtioDevice: Send {
 
     /// Sets the indices activation resumes from (each queue starts at zero otherwise).
     fn restore_queues(&mut self, states: &[QueueState]) -> Result<(), RestoreError>;
+
+    /// The configuration state a snapshot carries.
+    fn save_config(&self) -> ConfigState;
+
+    /// Restores configuration state saved by [`save_config`](Self::save_config), before
+    /// activation. If the device's configuration differs from the saved one (a disk
+    /// resized while the snapshot was stored), the generation moves past the saved one.
+    fn restore_config(&mut self, state: &ConfigState) -> Result<(), RestoreError>;
 }

@@ -519,11 +519,11 @@ impl<D: VirtioDevice> Driver<D> {
         let mem = self.mem.clone();
         let q = self.queue_mut(queue)?;
         let slot = u64::from(q.avail_idx % q.size);
-        mem.write_plain(q.avail + 4 + 2 * slot, &U16::new(head))?;
+        mem.write_atomic_u16(q.avail + 4 + 2 * slot, head.to_le())?;
         // The ring entry (and the descriptors before it) become visible before the index.
         fence(Ordering::Release);
         q.avail_idx = q.avail_idx.wrapping_add(1);
-        mem.write_plain(q.avail + 2, &U16::new(q.avail_idx))?;
+        mem.write_atomic_u16(q.avail + 2, q.avail_idx.to_le())?;
         Ok(())
     }
 
@@ -532,7 +532,7 @@ impl<D: VirtioDevice> Driver<D> {
         let mem = self.mem.clone();
         let q = self.queue_mut(queue)?;
         q.avail_idx = idx;
-        mem.write_plain(q.avail + 2, &U16::new(idx))?;
+        mem.write_atomic_u16(q.avail + 2, idx.to_le())?;
         Ok(())
     }
 
@@ -598,13 +598,12 @@ impl<D: VirtioDevice> Driver<D> {
         q.kicked_at = new;
         let notify = if always || !event_idx {
             // NO_NOTIFY is only a hint; the device here never sets it, but honour it.
-            always || mem.read_plain::<U16>(q.used)?.get() & ring::USED_F_NO_NOTIFY == 0
+            always || u16::from_le(mem.read_atomic_u16(q.used)?) & ring::USED_F_NO_NOTIFY == 0
         } else {
             // Publish avail.idx before reading avail_event (mirror of the device's fence).
             fence(Ordering::SeqCst);
-            let avail_event = mem
-                .read_plain::<U16>(q.used + 4 + 8 * u64::from(q.size))?
-                .get();
+            let avail_event =
+                u16::from_le(mem.read_atomic_u16(q.used + 4 + 8 * u64::from(q.size))?);
             need_event(avail_event, new, old)
         };
         if notify {
@@ -623,7 +622,7 @@ impl<D: VirtioDevice> Driver<D> {
         let event_idx = self.features & features::RING_EVENT_IDX != 0;
         let mem = self.mem.clone();
         let q = self.queue_mut(queue)?;
-        let used_idx = mem.read_plain::<U16>(q.used + 2)?.get();
+        let used_idx = u16::from_le(mem.read_atomic_u16(q.used + 2)?);
         if used_idx == q.last_used {
             return Ok(None);
         }
@@ -640,7 +639,7 @@ impl<D: VirtioDevice> Driver<D> {
         }
         if event_idx {
             // Ask for an interrupt for the next element (used_event = last_used).
-            mem.write_plain(q.avail + 4 + 2 * u64::from(q.size), &U16::new(q.last_used))?;
+            mem.write_atomic_u16(q.avail + 4 + 2 * u64::from(q.size), q.last_used.to_le())?;
             fence(Ordering::SeqCst);
         }
         Ok(Some(Used { head: id, len }))

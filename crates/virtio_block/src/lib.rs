@@ -66,7 +66,8 @@ mod transport;
 pub use block::{Backend, BlockDevice};
 pub use config::{BlockConfig, NewDeviceError};
 pub use device::{
-    ActivateError, IrqLine, RestoreError, VirtioDevice, VirtioDeviceType, VirtioInterrupt,
+    ActivateError, ConfigState, IrqLine, RestoreError, VirtioDevice, VirtioDeviceType,
+    VirtioInterrupt,
 };
 pub use engine::sync::{BlockBackend, SyncFileBackend};
 pub use queue::{QueueConfig, QueueState};

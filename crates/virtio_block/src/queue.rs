@@ -3,14 +3,24 @@
 //! # Memory ordering
 //!
 //! The driver and the device share the rings with no lock, so the order in which each side's
-//! accesses become visible to the other is the protocol. Guest memory is copied with plain
-//! (non-atomic) accesses; `std::sync::atomic::fence` orders them. On x86 the acquire and
-//! release fences only stop the compiler from reordering (the hardware keeps loads and stores
-//! in order), and the sequentially consistent fence is an `mfence`; on weaker machines they
-//! are the barriers the spec asks for. Each ring index is a naturally aligned `u16` (the
-//! rings' alignment is checked when the queue goes live), which the copy reads and writes
-//! with a single access; a value the device finds implausible is a driver error, never
-//! trusted.
+//! accesses become visible to the other is the protocol. Descriptors and used elements are
+//! copied with plain accesses (the protocol gives each to one side at a time). The 16-bit
+//! fields the other side may be writing at the same moment (`avail.flags`, `avail.idx`, the available
+//! ring entries, `used_event`, `avail_event`, `used.idx`) go through
+//! [`GuestMemory::read_atomic_u16`] and [`GuestMemory::write_atomic_u16`]: one relaxed atomic
+//! access each, so a concurrent update is seen whole or not at all. A byte copy of a `u16`
+//! only happens to be one load when the compiler chooses so; a torn index is the bug of
+//! rust-vmm vm-memory #93. Those accessors also refuse an index that is not 2-byte aligned in
+//! guest or host memory (only an `external` region can put an aligned guest address at an
+//! odd host one), which the queue reports as ring memory it cannot use.
+//!
+//! `std::sync::atomic::fence` orders the accesses, as `virt_rmb`/`virt_wmb`/`virt_mb` do
+//! around `READ_ONCE`/`WRITE_ONCE` in Linux's `virtio_ring`: a relaxed load followed by an
+//! acquire fence acquires, a release fence followed by a relaxed store releases. On x86 the
+//! acquire and release fences only stop the compiler from reordering (the hardware keeps
+//! loads and stores in order), and the sequentially consistent fence is an `mfence`; on
+//! weaker machines they are the barriers the spec asks for. A value the device finds
+//! implausible is a driver error, never trusted.
 //!
 //! - **Popping** (`pop`): read `avail.idx`, then an *acquire* fence, then the ring entry and
 //!   the descriptors. The driver writes descriptors and the ring entry before it publishes the
@@ -32,14 +42,15 @@
 use crate::descriptor::{ChainError, DescriptorChain, read_chain};
 use crate::spec::ring::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
 use guestmem::{AccessError, GuestMemory};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{Ordering, fence};
 use thiserror::Error;
-use zerocopy::little_endian::{U16, U32};
+use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Where a queue lives and whether the driver made it ready: what the transport (MMIO
 /// registers, or a vhost-user peer) configures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     /// The largest size the device supports (`QueueNumMax`).
     pub max_size: u16,
@@ -77,7 +88,7 @@ impl QueueConfig {
 
 /// How far the device has got through a queue: what a snapshot saves and a restore resumes
 /// from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     /// The next available-ring index the device will read.
     pub next_avail: u16,
@@ -116,8 +127,9 @@ pub enum QueueError {
         /// Its address.
         gpa: u64,
     },
-    /// A ring is not (entirely) in guest memory, or the used ring is not writable.
-    #[error("{ring} is not in guest memory")]
+    /// A ring is not (entirely) in guest memory, the used ring is not writable, or a ring
+    /// index cannot be accessed with one aligned 16-bit access.
+    #[error("{ring} is not usable guest memory")]
     RingMemory {
         /// Which ring.
         ring: &'static str,
@@ -196,6 +208,15 @@ impl SplitQueue {
             mem.check_range(gpa, len as usize, write)
                 .map_err(|source| QueueError::RingMemory { ring, source })?;
         }
+        // The indices must be reachable with single 16-bit accesses (see the module docs);
+        // better to refuse the queue now than to fail on its first request.
+        for (ring, gpa) in [
+            ("available ring", config.avail_ring + 2),
+            ("used ring", config.used_ring + 2),
+        ] {
+            mem.read_atomic_u16(gpa)
+                .map_err(|source| QueueError::RingMemory { ring, source })?;
+        }
         Ok(Self {
             mem,
             size,
@@ -232,12 +253,23 @@ impl SplitQueue {
         move |source| QueueError::RingMemory { ring, source }
     }
 
+    /// Reads a 16-bit little-endian ring field the driver may be updating right now.
+    fn read_index(&self, gpa: u64, ring: &'static str) -> Result<u16, QueueError> {
+        self.mem
+            .read_atomic_u16(gpa)
+            .map(u16::from_le)
+            .map_err(Self::ring_error(ring))
+    }
+
+    /// Writes a 16-bit little-endian ring field the driver may be reading right now.
+    fn write_index(&self, gpa: u64, value: u16) -> Result<(), QueueError> {
+        self.mem
+            .write_atomic_u16(gpa, value.to_le())
+            .map_err(Self::ring_error("used ring"))
+    }
+
     fn avail_idx(&self) -> Result<u16, QueueError> {
-        Ok(self
-            .mem
-            .read_plain::<U16>(self.avail_ring + 2)
-            .map_err(Self::ring_error("available ring"))?
-            .get())
+        self.read_index(self.avail_ring + 2, "available ring")
     }
 
     /// Pops the next available chain, or `None` if the driver has published nothing new.
@@ -262,11 +294,7 @@ impl SplitQueue {
         // entry and the descriptors are read after the index (see the module docs).
         fence(Ordering::Acquire);
         let slot = u64::from(self.next_avail % self.size);
-        let head = self
-            .mem
-            .read_plain::<U16>(self.avail_ring + 4 + 2 * slot)
-            .map_err(Self::ring_error("available ring"))?
-            .get();
+        let head = self.read_index(self.avail_ring + 4 + 2 * slot, "available ring")?;
         self.next_avail = self.next_avail.wrapping_add(1);
         match read_chain(&self.mem, self.desc_table, self.size, head, self.indirect) {
             Ok(chain) => Ok(Some(chain)),
@@ -292,9 +320,7 @@ impl SplitQueue {
         // visible before the index that publishes them.
         fence(Ordering::Release);
         self.next_used = self.next_used.wrapping_add(1);
-        self.mem
-            .write_plain(self.used_ring + 2, &U16::new(self.next_used))
-            .map_err(Self::ring_error("used ring"))
+        self.write_index(self.used_ring + 2, self.next_used)
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call.
@@ -308,18 +334,13 @@ impl SplitQueue {
             return Ok(false);
         }
         if self.event_idx {
-            let used_event = self
-                .mem
-                .read_plain::<U16>(self.avail_ring + 4 + 2 * u64::from(self.size))
-                .map_err(Self::ring_error("available ring"))?
-                .get();
+            let used_event = self.read_index(
+                self.avail_ring + 4 + 2 * u64::from(self.size),
+                "available ring",
+            )?;
             Ok(need_event(used_event, new, old))
         } else {
-            let flags = self
-                .mem
-                .read_plain::<U16>(self.avail_ring)
-                .map_err(Self::ring_error("available ring"))?
-                .get();
+            let flags = self.read_index(self.avail_ring, "available ring")?;
             Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
         }
     }
@@ -329,12 +350,10 @@ impl SplitQueue {
     /// caller must keep popping instead of waiting for a notification.
     pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
         if self.event_idx {
-            self.mem
-                .write_plain(
-                    self.used_ring + 4 + 8 * u64::from(self.size),
-                    &U16::new(self.next_avail),
-                )
-                .map_err(Self::ring_error("used ring"))?;
+            self.write_index(
+                self.used_ring + 4 + 8 * u64::from(self.size),
+                self.next_avail,
+            )?;
             // Store of avail_event before the reload of avail.idx (module docs).
             fence(Ordering::SeqCst);
         }
@@ -353,6 +372,7 @@ mod tests {
     use super::*;
     use crate::descriptor::Descriptor;
     use guestmem::PAGE_SIZE;
+    use zerocopy::little_endian::U16;
 
     #[test]
     fn need_event_wraps() {

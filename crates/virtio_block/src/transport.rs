@@ -14,15 +14,19 @@
 //! - `DRIVER_OK` sticks only after `FEATURES_OK`; it activates the device, and a failed
 //!   activation reports `DEVICE_NEEDS_RESET`;
 //! - a status write that clears bits (other than writing 0, the reset) is ignored;
-//! - feature writes after `FEATURES_OK`, queue writes to a ready queue or after `DRIVER_OK`,
-//!   and configuration-space writes after `DRIVER_OK` are dropped;
+//! - feature writes after `FEATURES_OK` and queue writes to a ready queue or after
+//!   `DRIVER_OK` are dropped; configuration-space writes reach the device at any time (the
+//!   device ignores read-only fields), because a driver may change a writable field with the
+//!   device live: Linux switches a block device's cache mode (`writeback`, `CONFIG_WCE`)
+//!   through sysfs `cache_type`;
 //! - a notification for a queue that does not exist or is not ready, or before `DRIVER_OK`,
 //!   is ignored.
 
-use crate::device::{IrqLine, RestoreError, VirtioDevice, VirtioInterrupt};
+use crate::device::{ConfigState, IrqLine, RestoreError, VirtioDevice, VirtioInterrupt};
 use crate::queue::{QueueConfig, QueueState};
 use crate::spec::{features, mmio, status};
 use guestmem::GuestMemory;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -49,9 +53,16 @@ impl VirtioInterrupt for MmioInterrupt {
     }
 }
 
-/// The registers of a [`VirtioMmioTransport`] and its device's queue state, for a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The registers of a [`VirtioMmioTransport`] and its device's queue and configuration
+/// state, for a snapshot.
+///
+/// Serialisable with serde in any format (the tests use JSON). `version` is
+/// [`MmioState::VERSION`] when saved; a restore refuses any other, so a change of meaning
+/// bumps it rather than being misread.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioState {
+    /// The format version, [`MmioState::VERSION`].
+    pub version: u32,
     /// The device status.
     pub status: u32,
     /// The features the driver wrote.
@@ -68,6 +79,14 @@ pub struct MmioState {
     pub queues: Vec<QueueConfig>,
     /// Each queue's indices.
     pub queue_states: Vec<QueueState>,
+    /// The device's configuration generation and the fields the driver wrote.
+    pub config: ConfigState,
+}
+
+impl MmioState {
+    /// The format version this build saves and restores. Version 1 is the first serialised
+    /// form.
+    pub const VERSION: u32 = 1;
 }
 
 /// A virtio device behind the MMIO register layout, version 2.
@@ -158,10 +177,8 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     /// Handles a write of `data` at `offset` into the MMIO window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= mmio::CONFIG {
-            // The configuration space belongs to the device once the driver is up.
-            if self.status & status::DRIVER_OK == 0 {
-                self.device.write_config(offset - mmio::CONFIG, data);
-            }
+            // Writable fields stay writable with the device live (module docs).
+            self.device.write_config(offset - mmio::CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -345,6 +362,7 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
     pub fn save(&mut self) -> MmioState {
         let queue_states = self.device.save_queues();
         MmioState {
+            version: MmioState::VERSION,
             status: self.status,
             driver_features: self.driver_features,
             device_features_sel: self.device_features_sel,
@@ -353,6 +371,7 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
             interrupt_status: self.interrupt_status(),
             queues: self.device.queues().to_vec(),
             queue_states,
+            config: self.device.save_config(),
         }
     }
 
@@ -365,6 +384,12 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         irq: IrqLine,
         state: &MmioState,
     ) -> Result<Self, RestoreError> {
+        if state.version != MmioState::VERSION {
+            return Err(RestoreError::Version {
+                saved: state.version,
+                supported: MmioState::VERSION,
+            });
+        }
         if state.queues.len() != device.queues().len() {
             return Err(RestoreError::QueueCount {
                 saved: state.queues.len(),
@@ -387,6 +412,7 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         }
         device.set_acked_features(state.driver_features);
         device.restore_queues(&state.queue_states)?;
+        device.restore_config(&state.config)?;
         let mut transport = Self::new(device, mem, irq);
         transport.driver_features = state.driver_features;
         transport.device_features_sel = state.device_features_sel;
@@ -397,6 +423,13 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
             .status
             .store(state.interrupt_status, Ordering::SeqCst);
         transport.status = state.status & !status::DRIVER_OK;
+        if transport.device.config_generation() != state.config.generation
+            && state.status & status::DRIVER_OK != 0
+        {
+            // The configuration changed while the snapshot was stored (the disk was
+            // resized): tell the driver, as a live device would have.
+            transport.interrupt.signal_config_change();
+        }
         if state.status & status::DRIVER_OK != 0 {
             transport.write_status(state.status);
             let queues = transport.device.queues().len();

@@ -740,15 +740,21 @@ fn indirect_descriptors_where_not_allowed() {
     assert_eq!(driver.poll_used(0).unwrap(), Some(Used { head: 0, len: 0 }));
 }
 
-/// Outcome: dropped. Configuration writes after `DRIVER_OK`, and writes to read-only
-/// fields at any time, change nothing.
+/// Outcome: dropped. Writes to read-only fields, before or after `DRIVER_OK`, change
+/// nothing; the one writable field (`writeback`) takes one-byte writes at any time.
 #[test]
 fn configuration_writes() {
     let mut driver = ram_driver(64, 512);
+    driver.transport_mut().write(mmio::CONFIG, &[0xff; 8]);
+    assert_eq!(
+        driver.capacity(),
+        64,
+        "capacity is read-only after DRIVER_OK"
+    );
     driver.transport_mut().write(mmio::CONFIG + 0x20, &[0]);
     let mut wce = [0u8];
     driver.read_config(0x20, &mut wce);
-    assert_eq!(wce[0], 1, "writeback unchanged after DRIVER_OK");
+    assert_eq!(wce[0], 0, "the cache mode can change after DRIVER_OK");
     let device = BlockDevice::new(
         BlockConfig::default(),
         disk_backend::Disk::new(RamDisk::new(64, 512).unwrap()).unwrap(),

@@ -679,6 +679,88 @@ fn snapshot_and_restore_resume_the_queues() {
     assert_eq!(driver.status() & status::DRIVER_OK, status::DRIVER_OK);
 }
 
+/// Linux switches the cache mode at run time (`cache_type` in sysfs writes the `writeback`
+/// field with the device live): the switch takes effect for the next write either way.
+#[test]
+fn cache_mode_switches_after_driver_ok() {
+    let counts = Arc::new(Durability::default());
+    let disk = CountingDisk {
+        inner: RamDisk::new(64, 512).unwrap(),
+        counts: counts.clone(),
+        fua: true,
+    };
+    let mut driver = driver_for(disk, BlockConfig::default());
+    assert_eq!(driver.status() & status::DRIVER_OK, status::DRIVER_OK);
+    let fua_writes = || counts.fua_writes.load(Ordering::SeqCst);
+    assert_eq!(driver.write(0, 0, &[1; 512]).unwrap(), blk::S_OK);
+    assert_eq!(fua_writes(), 0, "writeback: no FUA");
+    for (writeback, expected_fua) in [(false, 1), (true, 1), (false, 2)] {
+        driver.transport_mut().write(
+            mmio::CONFIG + VirtioBlkConfig::WRITEBACK_OFFSET,
+            &[u8::from(writeback)],
+        );
+        let mut c = [0u8; 1];
+        driver.read_config(VirtioBlkConfig::WRITEBACK_OFFSET, &mut c);
+        assert_eq!(c[0], u8::from(writeback), "the field reads back");
+        assert_eq!(driver.write(0, 0, &[2; 512]).unwrap(), blk::S_OK);
+        assert_eq!(fua_writes(), expected_fua, "writeback {writeback}");
+    }
+}
+
+/// Save in one device, restore into a fresh one: the cache mode the driver chose and the
+/// configuration generation (moved by a resize) survive, so a driver that read the
+/// generation before the snapshot does not see it go back.
+#[test]
+fn snapshot_keeps_cache_mode_and_config_generation() {
+    let disk = Arc::new(RamDisk::new(64, 512).unwrap());
+    let mut driver = driver_with(
+        disk.clone(),
+        BlockConfig::default(),
+        DriverOptions {
+            writeback: Some(false),
+            ..Default::default()
+        },
+    );
+    let seen = driver.interrupts().count();
+    disk.resize(128).unwrap();
+    assert!(driver.interrupts().wait_past(seen), "config interrupt");
+    let generation = driver.read_reg(mmio::CONFIG_GENERATION);
+    assert_ne!(generation, 0);
+    // The state crosses a serialised form, as it would to another process.
+    let json = serde_json::to_string(&driver.save()).unwrap();
+    let state: virtio_block::MmioState = serde_json::from_str(&json).unwrap();
+    assert_eq!(state.version, virtio_block::MmioState::VERSION);
+    let fresh = BlockDevice::new(BlockConfig::default(), Disk::new(disk.clone()).unwrap()).unwrap();
+    driver.restore(fresh, &state).unwrap();
+    let mut c = [0u8; 1];
+    driver.read_config(VirtioBlkConfig::WRITEBACK_OFFSET, &mut c);
+    assert_eq!(c[0], 0, "writethrough survives the restore");
+    assert_eq!(driver.read_reg(mmio::CONFIG_GENERATION), generation);
+    assert_eq!(driver.capacity(), 128);
+
+    // A disk resized while the snapshot was stored: the restored device announces it with a
+    // generation past the saved one.
+    let state = driver.save();
+    disk.resize(256).unwrap();
+    let fresh = BlockDevice::new(BlockConfig::default(), Disk::new(disk.clone()).unwrap()).unwrap();
+    driver.restore(fresh, &state).unwrap();
+    assert_ne!(
+        driver.read_reg(mmio::INTERRUPT_STATUS) & mmio::INT_CONFIG,
+        0
+    );
+    assert_ne!(driver.read_reg(mmio::CONFIG_GENERATION), generation);
+    assert_eq!(driver.capacity(), 256);
+
+    // A format version this build does not know is refused.
+    let mut future = driver.save();
+    future.version += 1;
+    let fresh = BlockDevice::new(BlockConfig::default(), Disk::new(disk.clone()).unwrap()).unwrap();
+    assert!(matches!(
+        driver.restore(fresh, &future),
+        Err(virtio_block::RestoreError::Version { .. })
+    ));
+}
+
 #[test]
 fn snapshot_waits_for_requests_in_flight() {
     let gate = GateDisk::new(RamDisk::new(64, 512).unwrap(), 0);

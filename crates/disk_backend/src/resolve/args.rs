@@ -1,6 +1,6 @@
 //! Reading a node's arguments, with every unused argument an error.
 
-use super::{DiskSpec, ResolveContext, ResolveError, SpecValue};
+use super::{DiskSpec, ResolveContext, ResolveError, SpecValue, shown};
 use std::borrow::Cow;
 use std::cell::RefCell;
 
@@ -45,17 +45,23 @@ impl<'a> Args<'a> {
             .is_some()
     }
 
-    /// Consumes the named argument `name` as text.
+    /// Consumes the named argument `name` as text. Given twice, it is an error ("duplicate
+    /// argument"), whatever the values.
     pub fn named_text(
         &self,
         ctx: &ResolveContext<'_>,
         name: &str,
     ) -> Result<Option<&'a str>, ResolveError> {
-        match self.take(|arg| arg.name.as_deref() == Some(name)) {
+        let is_name = |arg: &super::SpecArg| arg.name.as_deref() == Some(name);
+        let taken = self.take(is_name);
+        if taken.is_some() && self.take(is_name).is_some() {
+            return Err(ctx.error(format!("duplicate argument `{}`", shown(name))));
+        }
+        match taken {
             None => Ok(None),
             Some((_, SpecValue::Text(text))) => Ok(Some(text)),
             Some((_, SpecValue::Disk(_))) => {
-                Err(ctx.error(format!("`{name}` takes text, not a disk")))
+                Err(ctx.error(format!("`{}` takes text, not a disk", shown(name))))
             }
         }
     }
@@ -68,7 +74,8 @@ impl<'a> Args<'a> {
     ) -> Result<Option<u64>, ResolveError> {
         self.named_text(ctx, name)?
             .map(|text| {
-                parse_size(text).map_err(|message| ctx.error(format!("`{name}`: {message}")))
+                parse_size(text)
+                    .map_err(|message| ctx.error(format!("`{}`: {message}", shown(name))))
             })
             .transpose()
     }
@@ -81,8 +88,13 @@ impl<'a> Args<'a> {
     ) -> Result<Option<u64>, ResolveError> {
         self.named_text(ctx, name)?
             .map(|text| {
-                text.parse::<u64>()
-                    .map_err(|_| ctx.error(format!("`{name}`: `{text}` is not a number")))
+                text.parse::<u64>().map_err(|_| {
+                    ctx.error(format!(
+                        "`{}`: `{}` is not a number",
+                        shown(name),
+                        shown(text)
+                    ))
+                })
             })
             .transpose()
     }
@@ -95,9 +107,10 @@ impl<'a> Args<'a> {
     ) -> Result<&'a str, ResolveError> {
         match self.take(|arg| arg.name.is_none()) {
             Some((_, SpecValue::Text(text))) => Ok(text),
-            Some((_, SpecValue::Disk(disk))) => {
-                Err(ctx.error(format!("expected {what}, found a `{}` disk", disk.kind)))
-            }
+            Some((_, SpecValue::Disk(disk))) => Err(ctx.error(format!(
+                "expected {what}, found a `{}` disk",
+                shown(&disk.kind)
+            ))),
             None => Err(ctx.error(format!("missing {what}"))),
         }
     }
@@ -118,23 +131,26 @@ impl<'a> Args<'a> {
         disks
     }
 
-    /// Fails if any argument was not consumed.
+    /// Fails if any argument was not consumed: a named argument given twice whose first copy
+    /// was consumed is a duplicate, anything else unknown or unexpected.
     pub fn finish(&self, ctx: &ResolveContext<'_>) -> Result<(), ResolveError> {
         let used = self.used.borrow();
-        match self
-            .spec
-            .args
-            .iter()
-            .zip(used.iter())
-            .find(|(_, used)| !**used)
-        {
-            None => Ok(()),
-            Some((arg, _)) => Err(ctx.error(match (&arg.name, &arg.value) {
-                (Some(name), _) => format!("unknown argument `{name}`"),
-                (None, SpecValue::Text(text)) => format!("unexpected argument `{text}`"),
-                (None, SpecValue::Disk(disk)) => format!("unexpected `{}` disk", disk.kind),
-            })),
-        }
+        let args = &self.spec.args;
+        let Some(index) = used.iter().position(|used| !used) else {
+            return Ok(());
+        };
+        let arg = &args[index];
+        let duplicate = arg.name.is_some()
+            && args
+                .iter()
+                .zip(used.iter())
+                .any(|(other, used)| *used && other.name == arg.name);
+        Err(ctx.error(match (&arg.name, &arg.value) {
+            (Some(name), _) if duplicate => format!("duplicate argument `{}`", shown(name)),
+            (Some(name), _) => format!("unknown argument `{}`", shown(name)),
+            (None, SpecValue::Text(text)) => format!("unexpected argument `{}`", shown(text)),
+            (None, SpecValue::Disk(disk)) => format!("unexpected `{}` disk", shown(&disk.kind)),
+        }))
     }
 }
 
@@ -149,14 +165,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        suffix => return Err(format!("unknown size suffix `{suffix}` in `{text}`")),
+        suffix => {
+            return Err(format!(
+                "unknown size suffix `{}` in `{}`",
+                shown(suffix),
+                shown(text)
+            ));
+        }
     };
     let value: u64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a size"))?;
+        .map_err(|_| format!("`{}` is not a size", shown(text)))?;
     value
         .checked_mul(1 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .ok_or_else(|| format!("`{}` is too large", shown(text)))
 }
 
 #[cfg(test)]

@@ -37,6 +37,26 @@ mod resolver;
 mod spec;
 
 pub use args::{Args, parse_size};
+
+/// How many characters of user text an error message echoes; the rest becomes `…`.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `text` as an error message should echo it: whole if it has at most [`SHOWN_CHARS`]
+/// characters, else its first [`SHOWN_CHARS`] characters and `…`. A spec can hold a
+/// 100,000-character word; a one-line error should not.
+///
+/// ```
+/// use disk_backend::resolve::shown;
+///
+/// assert_eq!(shown("file"), "file");
+/// assert_eq!(shown(&"x".repeat(100)), format!("{}…", "x".repeat(64)));
+/// ```
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+    }
+}
 pub use resolver::{ResolveContext, ResolveDisk, ResolveError, Resolver};
 pub use spec::{DiskSpec, ParseError, SpecArg, SpecValue};
 

@@ -70,7 +70,7 @@ impl<'a> ResolveContext<'a> {
     pub fn nested(&self, kind: &str, index: usize) -> ResolveContext<'a> {
         ResolveContext {
             resolver: self.resolver,
-            path: format!("{}/{}[{}]", self.path, kind, index + 1),
+            path: format!("{}/{}[{}]", self.path, super::shown(kind), index + 1),
         }
     }
 
@@ -137,7 +137,7 @@ impl Resolver {
 
     /// Opens the disk `spec` describes.
     pub fn resolve(&self, spec: &DiskSpec) -> Result<Disk, ResolveError> {
-        self.resolve_at(spec, spec.kind.clone())
+        self.resolve_at(spec, super::shown(&spec.kind).into_owned())
     }
 
     fn resolve_at(&self, spec: &DiskSpec, path: String) -> Result<Disk, ResolveError> {
@@ -149,7 +149,7 @@ impl Resolver {
             let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
             return Err(ctx.error(format!(
                 "unknown disk kind `{}` (known: {})",
-                spec.kind,
+                super::shown(&spec.kind),
                 known.join(", ")
             )));
         };

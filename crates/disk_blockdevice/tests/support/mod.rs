@@ -114,27 +114,27 @@ pub fn loop_devices_unavailable() -> Option<String> {
     None
 }
 
-/// A loop device, or `None` after printing why the test is skipped.
+/// A loop device, or `None` after skipping the test ([`disk_conformance::skip::skip`]).
 pub fn loop_device_or_skip(size: u64, args: &[&str]) -> Option<LoopDevice> {
     if let Some(reason) = loop_devices_unavailable() {
-        eprintln!("skipping: {reason}");
+        disk_conformance::skip::skip(reason);
         return None;
     }
     match LoopDevice::new(size, args) {
         Ok(device) => Some(device),
         Err(reason) => {
-            eprintln!("skipping: {reason}");
+            disk_conformance::skip::skip(reason);
             None
         }
     }
 }
 
-/// Opens `path`, or `None` after printing why when io_uring is unavailable here.
+/// Opens `path`, or `None` after skipping the test when io_uring is unavailable here.
 pub fn open_or_skip(path: &Path, options: &BlockDeviceOptions) -> Option<BlockDeviceDisk> {
     match BlockDeviceDisk::open(path, options) {
         Ok(disk) => Some(disk),
         Err(OpenError::Ring(RingError::Setup(e))) => {
-            eprintln!("skipping: io_uring is unavailable ({e})");
+            disk_conformance::skip::skip(format!("io_uring is unavailable ({e})"));
             None
         }
         Err(e) => panic!("open {}: {e:?}", path.display()),

@@ -77,7 +77,8 @@ pub trait BlockBackend: Send + Sync {
 /// A host file served synchronously: opened once, every access serialized through one
 /// `parking_lot::Mutex<File>`.
 ///
-/// The size is fixed at open; accesses past it fail rather than grow the file.
+/// The size is fixed at open (a regular file's length, or a block device's capacity);
+/// accesses past it fail rather than grow the file.
 #[derive(Debug)]
 pub struct SyncFileBackend {
     file: Mutex<File>,
@@ -88,18 +89,19 @@ pub struct SyncFileBackend {
 
 impl SyncFileBackend {
     /// Opens `path` for synchronous I/O, read-only if `read_only`, with 512-byte blocks.
+    /// `path` must be a regular file or a block device (whose size is the device's).
     ///
     /// # Errors
     ///
-    /// The error of opening the file or reading its size.
+    /// The error of opening the file or reading its size; `InvalidInput` for anything but a
+    /// regular file or a block device (a FIFO, a directory, `/dev/null`), at once, without
+    /// waiting on it.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
-        let size_bytes = file.metadata()?.len();
+        let host = disk_backend::host_file::open_host_file(path, !read_only, false)
+            .map_err(disk_backend::host_file::OpenHostFileError::into_io_error)?;
+        let size_bytes = host.size_bytes()?;
         Ok(Self {
-            file: Mutex::new(file),
+            file: Mutex::new(host.file),
             size_bytes,
             read_only,
             block_size: 512,
