@@ -86,6 +86,46 @@ struct Layer {
     read_cache: bool,
 }
 
+/// The layers below one layer of a [`LayeredDisk`], as that layer's
+/// [`write_cow`](crate::LayerIo::write_cow) sees them: reads return what the stack below
+/// the layer holds, and zeros where no layer below holds a sector.
+pub struct LowerLayers<'a> {
+    disk: &'a LayeredDisk,
+    /// The first layer below the writing one.
+    first: usize,
+}
+
+impl std::fmt::Debug for LowerLayers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LowerLayers")
+            .field("first", &self.first)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LowerLayers<'_> {
+    /// Reads whole sectors at `sector` from the layers below into `buffers`, zero-filling
+    /// what none of them holds. Sectors past the disk's end read as zeros.
+    pub async fn read(&self, buffers: &RequestBuffers<'_>, sector: u64) -> Result<(), DiskError> {
+        let sector_size = self.disk.sector_size as usize;
+        if !buffers.len().is_multiple_of(sector_size) {
+            return Err(DiskError::InvalidInput);
+        }
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        if sector.checked_add(self.disk.sectors_of(buffers)).is_none() {
+            return Err(DiskError::IllegalBlock);
+        }
+        self.disk.read_layers(self.first, buffers, sector).await
+    }
+
+    /// Whether there is no layer below (reads are all zeros).
+    pub fn is_empty(&self) -> bool {
+        self.first >= self.disk.layers.len()
+    }
+}
+
 /// A disk made of layers, listed top first.
 ///
 /// - A read asks each layer in turn for the sectors still missing; what no layer supplies
@@ -257,43 +297,16 @@ impl LayeredDisk {
     fn bytes(&self, sectors: u64) -> usize {
         (sectors << self.sector_shift) as usize
     }
-}
 
-impl DiskIo for LayeredDisk {
-    fn disk_type(&self) -> &str {
-        "layered"
-    }
-
-    fn sector_count(&self) -> u64 {
-        self.layers[0].io.sector_count()
-    }
-
-    fn sector_size(&self) -> u32 {
-        self.sector_size
-    }
-
-    fn disk_id(&self) -> Option<[u8; 16]> {
-        self.disk_id
-    }
-
-    fn physical_sector_size(&self) -> u32 {
-        self.physical_sector_size
-    }
-
-    fn is_fua_respected(&self) -> bool {
-        self.is_fua_respected
-    }
-
-    fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
-    async fn read_vectored(
+    /// Reads `buffers` at `sector` from the layers `first..` (zeros where none of them holds
+    /// a sector): the whole stack for an ordinary read, the stack below a layer for its
+    /// copy-on-write ([`LowerLayers`]).
+    async fn read_layers(
         &self,
+        first: usize,
         buffers: &RequestBuffers<'_>,
         sector: u64,
     ) -> Result<(), DiskError> {
-        check_range(self, sector, buffers.len())?;
         let count = self.sectors_of(buffers);
         if count == 0 {
             return Ok(());
@@ -303,7 +316,7 @@ impl DiskIo for LayeredDisk {
         // the layers below it added.
         let mut cache_snapshots: SmallVec<[(usize, SectorBitmap); 1]> = SmallVec::new();
         let mut visible = sector + count;
-        for (index, layer) in self.layers.iter().enumerate() {
+        for (index, layer) in self.layers.iter().enumerate().skip(first) {
             visible = visible.min(layer.io.sector_count());
             if visible <= sector {
                 break;
@@ -352,6 +365,45 @@ impl DiskIo for LayeredDisk {
         }
         Ok(())
     }
+}
+
+impl DiskIo for LayeredDisk {
+    fn disk_type(&self) -> &str {
+        "layered"
+    }
+
+    fn sector_count(&self) -> u64 {
+        self.layers[0].io.sector_count()
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    fn disk_id(&self) -> Option<[u8; 16]> {
+        self.disk_id
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        self.physical_sector_size
+    }
+
+    fn is_fua_respected(&self) -> bool {
+        self.is_fua_respected
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read_vectored(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
+        check_range(self, sector, buffers.len())?;
+        self.read_layers(0, buffers, sector).await
+    }
 
     async fn write_vectored(
         &self,
@@ -366,8 +418,17 @@ impl DiskIo for LayeredDisk {
         if buffers.is_empty() {
             return Ok(());
         }
-        for layer in self.layers[..self.write_path_len].iter().rev() {
-            layer.io.write(buffers, sector, fua).await?;
+        for index in (0..self.write_path_len).rev() {
+            // A layer whose allocation unit is larger than the write (a qcow2 cluster) takes
+            // the rest of the unit from the layers below it: see `LayerIo::write_cow`.
+            let below = LowerLayers {
+                disk: self,
+                first: index + 1,
+            };
+            self.layers[index]
+                .io
+                .write_cow(buffers, sector, fua, &below)
+                .await?;
         }
         Ok(())
     }

@@ -47,7 +47,7 @@ mod layer;
 mod marker;
 mod resolve;
 
-pub use disk::{InvalidLayeredDisk, LayerConfiguration, LayeredDisk};
+pub use disk::{InvalidLayeredDisk, LayerConfiguration, LayeredDisk, LowerLayers};
 pub use disk_layer::DiskAsLayer;
 pub use layer::{
     DiskLayer, LayerAttach, LayerIo, LowerLayerMetadata, NoWriteNoOverwrite, WriteNoOverwrite,
