@@ -526,48 +526,9 @@ impl Meta {
         }
         let sector = f.sector_size() as usize;
 
-        // 1. Refcount blocks.
-        let mut fresh = false;
-        for slot in self.refs.dirty_slots() {
-            write_slot(f, slot, sector).await?;
-            fresh |= std::mem::take(&mut slot.fresh);
-        }
-        if fresh || self.reftable_moved.is_some() {
-            f.flush().await?;
-        }
-        // 2. The refcount table.
+        // 1, 2.
+        self.write_refcounts(f, g).await?;
         let mut header: Vec<(usize, Vec<u8>)> = Vec::new();
-        if let Some((old, clusters)) = self.reftable_moved.take() {
-            let bytes = encode_table(&self.reftable, g.cluster_size);
-            f.write(self.reftable_offset, &bytes, false).await?;
-            f.flush().await?;
-            header.push((
-                field::REFCOUNT_TABLE_OFFSET,
-                self.reftable_offset.to_be_bytes().to_vec(),
-            ));
-            header.push((
-                field::REFCOUNT_TABLE_CLUSTERS,
-                ((bytes.len() as u64 / g.cluster_size) as u32)
-                    .to_be_bytes()
-                    .to_vec(),
-            ));
-            self.reftable_dirty.clear();
-            update_header(f, &header).await?;
-            header.clear();
-            for c in 0..clusters {
-                self.deferred_free.push(old + c * g.cluster_size);
-            }
-        } else {
-            write_entries(
-                f,
-                &self.reftable,
-                self.reftable_offset,
-                &self.reftable_dirty,
-                sector,
-            )
-            .await?;
-            self.reftable_dirty.clear();
-        }
         // 3. Refcounts and data are durable before anything points at new clusters.
         f.flush().await?;
 
@@ -610,15 +571,70 @@ impl Meta {
         // 6.
         f.flush().await?;
 
-        // 7. Dereference what nothing durable points at any more.
-        let frees = std::mem::take(&mut self.deferred_free);
-        for offset in frees {
-            if self.add_ref_inner(f, g, offset, -1).await? == 0 && !self.is_metadata(g, offset) {
-                self.l2.remove(offset);
-                f.discard(offset, g.cluster_size).await;
+        // 7. Dereference what nothing durable points at any more, and write the lowered
+        // refcounts (a crash before that leaks the clusters, no worse). Moving the refcount
+        // table can free its old clusters in turn.
+        while !self.deferred_free.is_empty() {
+            let frees = std::mem::take(&mut self.deferred_free);
+            for offset in frees {
+                if self.add_ref_inner(f, g, offset, -1).await? == 0 && !self.is_metadata(g, offset)
+                {
+                    self.l2.remove(offset);
+                    f.discard(offset, g.cluster_size).await;
+                }
             }
+            self.write_refcounts(f, g).await?;
+            f.flush().await?;
         }
         self.refs.trim(self.refs_capacity);
+        Ok(())
+    }
+
+    /// Steps 1 and 2 of the write-back: changed refcount blocks, then the refcount table.
+    async fn write_refcounts(&mut self, f: &ImageFile, g: &Geometry) -> Result<(), DiskError> {
+        let sector = f.sector_size() as usize;
+        // 1. Refcount blocks.
+        let mut fresh = false;
+        for slot in self.refs.dirty_slots() {
+            write_slot(f, slot, sector).await?;
+            fresh |= std::mem::take(&mut slot.fresh);
+        }
+        if fresh || self.reftable_moved.is_some() {
+            f.flush().await?;
+        }
+        // 2. The refcount table.
+        let mut header: Vec<(usize, Vec<u8>)> = Vec::new();
+        if let Some((old, clusters)) = self.reftable_moved.take() {
+            let bytes = encode_table(&self.reftable, g.cluster_size);
+            f.write(self.reftable_offset, &bytes, false).await?;
+            f.flush().await?;
+            header.push((
+                field::REFCOUNT_TABLE_OFFSET,
+                self.reftable_offset.to_be_bytes().to_vec(),
+            ));
+            header.push((
+                field::REFCOUNT_TABLE_CLUSTERS,
+                ((bytes.len() as u64 / g.cluster_size) as u32)
+                    .to_be_bytes()
+                    .to_vec(),
+            ));
+            self.reftable_dirty.clear();
+            update_header(f, &header).await?;
+            header.clear();
+            for c in 0..clusters {
+                self.deferred_free.push(old + c * g.cluster_size);
+            }
+        } else {
+            write_entries(
+                f,
+                &self.reftable,
+                self.reftable_offset,
+                &self.reftable_dirty,
+                sector,
+            )
+            .await?;
+            self.reftable_dirty.clear();
+        }
         Ok(())
     }
 }
