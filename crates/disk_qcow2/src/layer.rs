@@ -182,6 +182,10 @@ impl Qcow2Layer {
         } else {
             allocation_end(&file, &g, &reftable, file_size).await?
         };
+        if !read_only {
+            // The file may end inside the last cluster in use; writes to it need it whole.
+            file.ensure_size(alloc_end).await.map_err(open_io)?;
+        }
         if !read_only && header.autoclear_to_clear() != 0 {
             update_header(&file, &[(field::AUTOCLEAR, 0u64.to_be_bytes().to_vec())])
                 .await
@@ -671,11 +675,7 @@ async fn allocation_end(
         if block == 0 {
             continue;
         }
-        if !block.is_multiple_of(g.cluster_size)
-            || block
-                .checked_add(g.cluster_size)
-                .is_none_or(|e| e > file_size)
-        {
+        if !block.is_multiple_of(g.cluster_size) || block > file_size {
             return Err(OpenError::Corrupt(CorruptImage::BadPointer {
                 what: "refcount table",
                 index: index as u64,

@@ -125,11 +125,7 @@ impl Meta {
         l1_index: usize,
     ) -> Result<&mut Slot, DiskError> {
         if self.l2.get(offset).is_none() {
-            if !offset.is_multiple_of(g.cluster_size)
-                || offset
-                    .checked_add(g.cluster_size)
-                    .is_none_or(|end| end > f.size())
-            {
+            if !offset.is_multiple_of(g.cluster_size) || offset > f.size() {
                 return Err(io_corrupt(CorruptImage::BadPointer {
                     what: "l1",
                     index: l1_index as u64,
@@ -185,7 +181,7 @@ impl Meta {
         if entry & COMPRESSED != 0 {
             let mapping = decode_l2(entry, g.cluster_bits, false);
             if let Mapping::Compressed { offset, .. } = mapping
-                && offset >= file_size
+                && offset > file_size
             {
                 return Err(bad(offset));
             }
@@ -314,11 +310,7 @@ impl Meta {
                 self.reftable_dirty.insert(block_index);
                 queue.push((new, 1));
             } else if self.refs.get(block).is_none() {
-                if !block.is_multiple_of(g.cluster_size)
-                    || block
-                        .checked_add(g.cluster_size)
-                        .is_none_or(|e| e > f.size())
-                {
+                if !block.is_multiple_of(g.cluster_size) || block > f.size() {
                     return Err(io_corrupt(CorruptImage::BadPointer {
                         what: "refcount table",
                         index: block_index as u64,

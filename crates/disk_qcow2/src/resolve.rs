@@ -35,7 +35,6 @@ impl Qcow2Resolver {
         if read_only {
             host = host.arg("ro");
         }
-        let disk = ctx.resolve_child(0, &host)?;
         let grow: Option<GrowFn> = if read_only || direct {
             None
         } else {
@@ -43,6 +42,16 @@ impl Qcow2Resolver {
                 .write(true)
                 .open(path)
                 .map_err(|e| ctx.error_with("cannot open the image file to grow it", e))?;
+            // `qemu-img create` ends an image inside a sector, which a file disk would not
+            // see: round the file up to whole sectors (what follows the end reads as zeros).
+            let len = file
+                .metadata()
+                .map_err(|e| ctx.error_with("cannot size the image file", e))?
+                .len();
+            if !len.is_multiple_of(4096) {
+                file.set_len(len.next_multiple_of(4096))
+                    .map_err(|e| ctx.error_with("cannot size the image file", e))?;
+            }
             Some(Box::new(move |len| {
                 if file.metadata()?.len() < len {
                     file.set_len(len)?;
@@ -50,6 +59,7 @@ impl Qcow2Resolver {
                 Ok(())
             }))
         };
+        let disk = ctx.resolve_child(0, &host)?;
         let options = Qcow2Options {
             read_only,
             cache_bytes,
