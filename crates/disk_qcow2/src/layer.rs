@@ -691,8 +691,19 @@ async fn allocation_end(
             .rev()
             .find(|&i| get_refcount(&data, i, g.refcount_order) != 0)
         {
+            // A cluster in use may end past the file (the file ends inside the last
+            // cluster), but not by more than a cluster.
             let cluster = ((index as u64) << g.refblock_bits) + last as u64;
-            return Ok((cluster + 1) << g.cluster_bits);
+            let end = (cluster + 1).checked_mul(g.cluster_size);
+            let limit = file_size.next_multiple_of(g.cluster_size) + g.cluster_size;
+            return match end {
+                Some(end) if end <= limit => Ok(end),
+                _ => Err(OpenError::Corrupt(CorruptImage::BadPointer {
+                    what: "refcount block",
+                    index: index as u64,
+                    offset: block,
+                })),
+            };
         }
     }
     // No refcounts at all: a broken image, but allocating after the file keeps it intact.
@@ -845,6 +856,21 @@ impl LayerIo for Qcow2Layer {
                 return current;
             }
             listener.await;
+        }
+    }
+}
+
+/// A layer dropped without a flush writes its cached metadata back (best effort), so the
+/// writes that completed are not lost to a missing final flush.
+impl Drop for Qcow2Layer {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Some(mut meta) = self.meta.try_lock()
+            && meta.is_dirty()
+        {
+            let _ = futures::executor::block_on(meta.writeback(&self.file, &self.g));
         }
     }
 }

@@ -499,7 +499,7 @@ impl Meta {
         self.size_changed = Some(size);
     }
 
-    fn is_dirty(&self) -> bool {
+    pub fn is_dirty(&self) -> bool {
         self.refs.is_dirty()
             || self.l2.is_dirty()
             || !self.l1_dirty.is_empty()

@@ -346,3 +346,33 @@ fn our_images_pass_qemu_check_version_2() {
         );
     }
 }
+
+#[test]
+fn resized_images_pass_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resized.qcow2");
+    create(
+        &std::fs::File::create_new(&path).unwrap(),
+        &CreateOptions {
+            cluster_bits: 9,
+            ..CreateOptions::new(64 << 10)
+        },
+    );
+    let qcow = layer(&open_path(&path, false), false);
+    let disk = stack(false, vec![qcow2_layer(qcow.clone())]);
+    let buf = OwnedRequestBuffers::from_slice(&[0x42; 4096]);
+    block_on(disk.write_vectored(&buf.buffers(false), 10, false)).unwrap();
+    block_on(qcow.resize(8 << 20)).unwrap();
+    block_on(disk.write_vectored(&buf.buffers(false), (8 << 11) - 8, false)).unwrap();
+    block_on(disk.sync_cache()).unwrap();
+    let ours = read_disk(&disk);
+    drop(disk);
+    drop(qcow);
+    qemu_check(&path);
+    assert!(ours == qemu_raw(&path, dir.path()));
+    let info = run("qemu-img", &["info", path.to_str().unwrap()]);
+    assert!(info.contains("virtual size: 8 MiB"), "{info}");
+}
