@@ -197,6 +197,50 @@ fn backing_chain_comes_from_the_spec() {
     let stack = format!("layered(qcow2(\"{t}\", ro), qcow2(\"{b}\", ro), ro)");
     assert!(read_disk(&resolve(&stack).unwrap()) == qemu_raw(&top, dir.path()));
 
+    // A top with extended L2 entries: subclusters QEMU did not write fall through to the
+    // base, zeroed subclusters do not.
+    let sub = dir.path().join("subclusters.qcow2");
+    let s = sub.to_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            "-b",
+            b,
+            "-F",
+            "qcow2",
+            s,
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x61 2k 2k",
+            "-c",
+            "write -P 0x62 70k 6k",
+            "-c",
+            "write -z 200k 4k",
+            "-c",
+            "write -P 0x63 1M 64k",
+            s,
+        ],
+    );
+    let stack = format!("layered(qcow2(\"{s}\", ro), qcow2(\"{b}\", ro), ro)");
+    assert!(
+        read_disk(&resolve(&stack).unwrap()) == qemu_raw(&sub, dir.path()),
+        "subclusters read differently"
+    );
+    // Writable opens of extended L2 images are refused, naming the reason.
+    let err = resolve(&format!("layered(qcow2(\"{s}\"), qcow2(\"{b}\", ro))")).unwrap_err();
+    assert!(err.contains("extended l2"), "{err}");
+
     // Alone, the top names a backing file the spec does not give: refused, naming it.
     let err = resolve(&format!("qcow2(\"{t}\", ro)")).unwrap_err();
     assert!(err.contains("backing file") && err.contains(b), "{err}");
@@ -375,4 +419,37 @@ fn resized_images_pass_qemu_check() {
     assert!(ours == qemu_raw(&path, dir.path()));
     let info = run("qemu-img", &["info", path.to_str().unwrap()]);
     assert!(info.contains("virtual size: 8 MiB"), "{info}");
+}
+
+#[test]
+fn refcount_table_growth_passes_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    // 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters and the
+    // first refcount table 4096 clusters (2 MiB), so filling 8 MiB moves the table twice.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grow.qcow2");
+    create(
+        &std::fs::File::create_new(&path).unwrap(),
+        &CreateOptions {
+            cluster_bits: 9,
+            refcount_order: 6,
+            ..CreateOptions::new(8 << 20)
+        },
+    );
+    let disk = stack(
+        false,
+        vec![qcow2_layer(layer(&open_path(&path, false), false))],
+    );
+    let data = pattern(8 << 20, 5);
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        let buf = OwnedRequestBuffers::from_slice(chunk);
+        block_on(disk.write_vectored(&buf.buffers(false), i as u64 * 128, false)).unwrap();
+    }
+    block_on(disk.sync_cache()).unwrap();
+    assert!(read_disk(&disk) == data);
+    drop(disk);
+    qemu_check(&path);
+    assert!(qemu_raw(&path, dir.path()) == data);
 }
