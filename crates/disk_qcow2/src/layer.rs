@@ -511,12 +511,14 @@ impl Qcow2Layer {
             allocated = true;
             pos += piece;
         }
-        if fua && allocated {
-            self.meta
-                .lock()
-                .await
-                .writeback(&self.file, &self.g)
-                .await?;
+        // A FUA write is durable with its mapping: the clusters it allocated, or an
+        // in-place write into a cluster allocated since the last flush, need the metadata
+        // written back too.
+        if fua {
+            let mut meta = self.meta.lock().await;
+            if allocated || meta.is_dirty() {
+                meta.writeback(&self.file, &self.g).await?;
+            }
         }
         Ok(())
     }
