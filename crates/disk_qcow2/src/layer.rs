@@ -12,6 +12,7 @@ use disk_layered::{LayerAttach, LayerIo, LowerLayerMetadata, LowerLayers, Sector
 use event_listener::Event;
 use futures::lock::Mutex;
 use request_buffers::{MemoryRead, MemoryWrite, OwnedRequestBuffers, RequestBuffers};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use thiserror::Error;
@@ -77,7 +78,32 @@ pub struct Qcow2Layer {
     /// The layer is the bottom of its stack (nothing below: unallocated reads as zeros).
     bottom: AtomicBool,
     meta: Mutex<Meta>,
+    /// Guest clusters whose allocation is in flight (filled outside the metadata lock).
+    allocating: parking_lot::Mutex<HashSet<u64>>,
+    /// Notified whenever an allocation finishes.
+    allocated: Event,
     resized: Event,
+}
+
+/// Marks a guest cluster's allocation in flight until dropped (also when the write's future
+/// is dropped half way: the cluster is then free to allocate again).
+struct InFlight<'a> {
+    layer: &'a Qcow2Layer,
+    cluster: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(layer: &'a Qcow2Layer, cluster: u64) -> Self {
+        layer.allocating.lock().insert(cluster);
+        Self { layer, cluster }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.layer.allocating.lock().remove(&self.cluster);
+        self.layer.allocated.notify(usize::MAX);
+    }
 }
 
 impl std::fmt::Debug for Qcow2Layer {
@@ -214,6 +240,8 @@ impl Qcow2Layer {
             sector_shift,
             sector_count: AtomicU64::new(sector_count),
             bottom: AtomicBool::new(false),
+            allocating: parking_lot::Mutex::new(HashSet::new()),
+            allocated: Event::new(),
             resized: Event::new(),
         })
     }
@@ -504,10 +532,34 @@ impl Qcow2Layer {
                 continue;
             }
             let cluster_start = (start + pos) & !(cs - 1);
+            let cluster = cluster_start >> self.g.cluster_bits;
+            if let Some(listener) = self.allocation_in_flight(cluster) {
+                // Another write is allocating this cluster: wait, then look again.
+                drop(meta);
+                listener.await;
+                continue;
+            }
             let piece = (cluster_start + cs).min(start + len) - (start + pos);
             let data = buffers.subrange(pos as usize, piece as usize);
-            self.allocate_write(&mut meta, mapping, &data, start + pos, below)
+            // Reserve the cluster and its host cluster under the lock, fill it without the
+            // lock (reads and other writes go on meanwhile; reads of this cluster see its
+            // old mapping until it is published), then publish the new mapping.
+            let guard = InFlight::new(self, cluster);
+            let host = meta.alloc_cluster(&self.file, &self.g).await?;
+            drop(meta);
+            let filled = self
+                .fill_cluster(host, mapping, &data, start + pos, below)
+                .await;
+            let mut meta = self.meta.lock().await;
+            if let Err(e) = filled {
+                // Nothing points at the reserved cluster: free it at the next write-back.
+                meta.release(&self.g, Mapping::Data { host, copied: true });
+                return Err(e);
+            }
+            meta.set_l2(&self.file, &self.g, cluster, host | COPIED, mapping)
                 .await?;
+            drop(meta);
+            drop(guard);
             allocated = true;
             pos += piece;
         }
@@ -523,68 +575,86 @@ impl Qcow2Layer {
         Ok(())
     }
 
-    /// Writes `data` at guest byte `offset` into a newly allocated cluster (all inside one
-    /// cluster whose mapping was `old`), filling the rest of the cluster from what it read
-    /// as before: the layers below, zeros, the old data, or the decompressed data.
-    async fn allocate_write(
+    /// Writes `data` at guest byte `offset` into the newly allocated host cluster `host`
+    /// (all inside one guest cluster whose mapping was `old`), filling the rest of the
+    /// cluster from what it read as before: the layers below, zeros, the old data, or the
+    /// decompressed data. Takes no lock: the caller owns the allocation.
+    async fn fill_cluster(
         &self,
-        meta: &mut Meta,
+        host: u64,
         old: Mapping,
         data: &RequestBuffers<'_>,
         offset: u64,
         below: Option<&LowerLayers<'_>>,
     ) -> Result<(), DiskError> {
-        let g = &self.g;
-        let cs = g.cluster_size;
+        let cs = self.g.cluster_size;
         let cluster_start = offset & !(cs - 1);
         let in_cluster = (offset - cluster_start) as usize;
         let valid = (self.disk_end() - cluster_start).min(cs) as usize;
         let piece = data.len();
-        let whole = in_cluster == 0 && piece >= valid;
-
-        let host = meta.alloc_cluster(&self.file, g).await?;
-        let shift = self.file.shift();
-        if whole {
-            self.file
+        if in_cluster == 0 && piece >= valid {
+            return self
+                .file
                 .disk()
-                .write_vectored(data, host >> shift, false)
-                .await?;
-        } else {
-            let mut cluster = match old {
-                Mapping::Unallocated | Mapping::Zero { .. } => vec![0; cs as usize],
-                Mapping::Compressed { offset, len } => self.decompress(offset, len).await?,
-                Mapping::Data { host, .. } => {
-                    let old_host = host & !(cs - 1);
-                    self.file.read(old_host, cs as usize).await?
-                }
-            };
-            if let (Mapping::Unallocated, Some(below)) = (old, below) {
-                // Copy-on-write: what the stack below holds around the written piece.
-                for (from, to) in [(0, in_cluster), (in_cluster + piece, valid)] {
-                    if from < to {
-                        let buf = OwnedRequestBuffers::new(to - from);
-                        below
-                            .read(
-                                &buf.buffers(true),
-                                (cluster_start + from as u64) >> self.sector_shift,
-                            )
-                            .await?;
-                        buf.buffers(false).reader().read(&mut cluster[from..to])?;
-                    }
+                .write_vectored(data, host >> self.file.shift(), false)
+                .await;
+        }
+        let mut cluster = match old {
+            Mapping::Unallocated | Mapping::Zero { .. } => vec![0; cs as usize],
+            Mapping::Compressed { offset, len } => self.decompress(offset, len).await?,
+            Mapping::Data { host, .. } => self.file.read(host & !(cs - 1), cs as usize).await?,
+        };
+        if let (Mapping::Unallocated, Some(below)) = (old, below) {
+            // Copy-on-write: what the stack below holds around the written piece.
+            for (from, to) in [(0, in_cluster), (in_cluster + piece, valid)] {
+                if from < to {
+                    let buf = OwnedRequestBuffers::new(to - from);
+                    below
+                        .read(
+                            &buf.buffers(true),
+                            (cluster_start + from as u64) >> self.sector_shift,
+                        )
+                        .await?;
+                    buf.buffers(false).reader().read(&mut cluster[from..to])?;
                 }
             }
-            data.reader()
-                .read(&mut cluster[in_cluster..in_cluster + piece])?;
-            self.file.write(host, &cluster, false).await?;
         }
-        meta.set_l2(
-            &self.file,
-            g,
-            cluster_start >> g.cluster_bits,
-            host | COPIED,
-            old,
-        )
-        .await
+        data.reader()
+            .read(&mut cluster[in_cluster..in_cluster + piece])?;
+        self.file.write(host, &cluster, false).await
+    }
+
+    /// Allocates the cluster of guest byte `offset` and writes `data` there, all under the
+    /// metadata lock (unmap's rare rewrite of a compressed or shared cluster).
+    async fn allocate_write_locked(
+        &self,
+        meta: &mut Meta,
+        old: Mapping,
+        data: &RequestBuffers<'_>,
+        offset: u64,
+    ) -> Result<(), DiskError> {
+        let host = meta.alloc_cluster(&self.file, &self.g).await?;
+        if let Err(e) = self.fill_cluster(host, old, data, offset, None).await {
+            meta.release(&self.g, Mapping::Data { host, copied: true });
+            return Err(e);
+        }
+        let cluster = offset >> self.g.cluster_bits;
+        meta.set_l2(&self.file, &self.g, cluster, host | COPIED, old)
+            .await
+    }
+
+    /// Whether guest cluster `cluster` is being allocated; if so, returns a listener that
+    /// completes when some allocation finishes (the caller drops its lock and waits).
+    fn allocation_in_flight(&self, cluster: u64) -> Option<event_listener::EventListener> {
+        if !self.allocating.lock().contains(&cluster) {
+            return None;
+        }
+        let listener = self.allocated.listen();
+        // Checked again with the listener registered, so a completion is never missed.
+        self.allocating
+            .lock()
+            .contains(&cluster)
+            .then_some(listener)
     }
 
     async fn unmap_impl(
@@ -607,8 +677,14 @@ impl Qcow2Layer {
             let cluster_start = pos & !(cs - 1);
             let cluster_end = (cluster_start + cs).min(disk_end);
             let piece_end = cluster_end.min(end);
-            let (mapping, _) = meta.lookup(&self.file, &self.g, pos).await?;
             let cluster = cluster_start >> self.g.cluster_bits;
+            if let Some(listener) = self.allocation_in_flight(cluster) {
+                drop(meta);
+                listener.await;
+                meta = self.meta.lock().await;
+                continue;
+            }
+            let (mapping, _) = meta.lookup(&self.file, &self.g, pos).await?;
             if pos == cluster_start && piece_end == cluster_end {
                 let entry = if next_is_zero {
                     Some(0)
@@ -644,7 +720,7 @@ impl Qcow2Layer {
                     }
                     old => {
                         let zeros = OwnedRequestBuffers::new(len);
-                        self.allocate_write(&mut meta, old, &zeros.buffers(false), pos, None)
+                        self.allocate_write_locked(&mut meta, old, &zeros.buffers(false), pos)
                             .await?;
                     }
                 }

@@ -20,8 +20,10 @@
 //!    refcounts are written at the next write-back). A crash in between leaks them, which
 //!    `qemu-img check` reports as leaks, never as corruption.
 //!
-//! Data is written before its cluster's L2 entry changes in memory, so a concurrent read
-//! sees the old mapping (and the layers below) or the new one with the data in place.
+//! Data is written before its cluster's L2 entry changes in memory (the layer fills a newly
+//! allocated cluster outside the lock, with the guest cluster marked in flight so no other
+//! write or unmap touches its mapping meanwhile), so a concurrent read sees the old mapping
+//! (and the layers below) or the new one with the data in place.
 //! Clusters are allocated at the end of the image only (never reused while the image is
 //! open), so a write in flight to a cluster that an unmap just freed lands in a cluster
 //! nothing refers to.

@@ -33,6 +33,27 @@ pub fn image_file(file: &File, read_only: bool) -> ImageFile {
     ImageFile::new(Disk::new(disk).unwrap(), grow)
 }
 
+/// Opens the image in `file` writable, on a host that adds `delay` to every read and write
+/// (wider windows for races).
+pub fn slow_layer(file: &File, delay: std::time::Duration) -> Arc<Qcow2Layer> {
+    let fast = image_file(file, false);
+    let grow_file = file.try_clone().unwrap();
+    let grow: GrowFn = Box::new(move |len| {
+        if grow_file.metadata()?.len() < len {
+            grow_file.set_len(len)?;
+        }
+        Ok(())
+    });
+    let slow = Disk::new(disk_delay::DelayDisk::new(fast.disk().clone(), delay)).unwrap();
+    Arc::new(
+        block_on(Qcow2Layer::open(
+            ImageFile::new(slow, Some(grow)),
+            &Qcow2Options::default(),
+        ))
+        .unwrap(),
+    )
+}
+
 /// Opens `path` for reading, or for reading and writing.
 pub fn open_path(path: &Path, read_only: bool) -> File {
     std::fs::OpenOptions::new()
