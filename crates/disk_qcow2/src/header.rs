@@ -362,6 +362,7 @@ pub(crate) mod field {
     pub const L1_TABLE_OFFSET: usize = 40;
     pub const REFCOUNT_TABLE_OFFSET: usize = 48;
     pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    pub const INCOMPATIBLE: usize = 72;
     pub const AUTOCLEAR: usize = 88;
 }
 

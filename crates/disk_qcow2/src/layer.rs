@@ -167,11 +167,6 @@ impl Qcow2Layer {
             if header.incompatible_features & incompatible::CORRUPT != 0 {
                 return Err(OpenError::NotWritable("the image is marked corrupt"));
             }
-            if header.incompatible_features & incompatible::DIRTY != 0 {
-                return Err(OpenError::NotWritable(
-                    "the dirty bit is set, so refcounts need repair (`qemu-img check -r all`)",
-                ));
-            }
         }
 
         let entry_bytes = if header.extended_l2() { 16 } else { 8 };
@@ -194,6 +189,15 @@ impl Qcow2Layer {
         let l1: Vec<u64> = (0..header.l1_size as usize)
             .map(|i| get_u64(&l1_bytes, i))
             .collect();
+        let mut header = header;
+        if !read_only && header.incompatible_features & incompatible::DIRTY != 0 {
+            // Lazy refcounts, not closed cleanly: rebuild them before writing anything.
+            let (offset, clusters) =
+                crate::repair::rebuild_refcounts(&file, &header, &g, &l1).await?;
+            header.refcount_table_offset = offset;
+            header.refcount_table_clusters = clusters;
+            header.incompatible_features &= !incompatible::DIRTY;
+        }
         let reftable_bytes = header.refcount_table_clusters as u64 * cluster_size;
         let table = file
             .read(header.refcount_table_offset, reftable_bytes as usize)
@@ -206,7 +210,7 @@ impl Qcow2Layer {
         let alloc_end = if read_only {
             file_size.next_multiple_of(cluster_size)
         } else {
-            allocation_end(&file, &g, &reftable, file_size).await?
+            allocation_end(&file, &g, &reftable, file.size()).await?
         };
         if !read_only {
             // The file may end inside the last cluster in use; writes to it need it whole.

@@ -20,8 +20,9 @@
 //! from the caller's configuration, never from bytes a guest could have written), it does
 //! not decrypt (encrypted images are refused: the `crypt` decorator is the encryption
 //! story), it does not write compressed clusters, create or delete snapshots, keep
-//! persistent bitmaps (their autoclear bit is cleared), repair refcounts (a dirty image
-//! opens read-only only), or reuse freed clusters before the image is reopened.
+//! persistent bitmaps (their autoclear bit is cleared), or reuse freed clusters before the
+//! image is reopened. A dirty image (lazy refcounts, not closed cleanly) gets its refcounts
+//! rebuilt from its tables when it is opened for writing.
 //!
 //! ```
 //! use disk_backend::Disk;
@@ -63,6 +64,7 @@ pub mod header;
 mod host;
 mod layer;
 mod meta;
+mod repair;
 mod resolve;
 
 pub use error::{CorruptImage, CreateError, InvalidImage, OpenError};

@@ -144,9 +144,14 @@ fn images_refused_or_read_only() {
         let value = value.to_vec();
         move |b: &mut Vec<u8>| b[at..at + value.len()].copy_from_slice(&value)
     };
-    // Dirty, corrupt, snapshots: readable, not writable.
+    // Dirty: refcounts rebuilt by a writable open, which clears the bit.
+    let host = ram_image(set(79, &[1]));
+    drop(open(&host, true).unwrap());
+    assert_eq!(read(&host, 0, 512)[79], 1);
+    drop(open(&host, false).unwrap());
+    assert_eq!(read(&host, 0, 512)[79], 0);
+    // Corrupt, snapshots: readable, not writable.
     for (what, host) in [
-        ("dirty", ram_image(set(79, &[1]))),
         ("corrupt", ram_image(set(79, &[2]))),
         ("snapshots", ram_image(set(60, &[0, 0, 0, 1]))),
     ] {
