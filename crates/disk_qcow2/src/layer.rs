@@ -930,6 +930,12 @@ impl LayerIo for Qcow2Layer {
         (self.g.cluster_size >> self.sector_shift) as u32
     }
 
+    fn register_memory(&self, memory: &request_buffers::GuestMemory) -> Result<(), DiskError> {
+        // Reads and writes of allocated clusters go straight between the guest's buffers and
+        // the image file's disk.
+        self.file.disk().register_memory(memory)
+    }
+
     async fn wait_resize(&self, sector_count: u64) -> u64 {
         loop {
             let listener = self.resized.listen();

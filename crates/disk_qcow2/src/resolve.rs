@@ -7,8 +7,10 @@ use disk_layered::{DiskLayer, LayerConfiguration, LayeredDisk, ResolveLayer};
 use std::sync::Arc;
 
 /// Opens `qcow2` nodes. The image file is opened as the registered `file` kind (or with
-/// `direct`, as `blockdev`: io_uring with `O_DIRECT`, where the image cannot grow past the
-/// file's size at open); `ro` opens it read-only; `cache` sizes the metadata cache
+/// `direct`, as `blockdev`: io_uring with `O_DIRECT`, whose view of a regular file's size is
+/// fixed at open, so a writable image file is first extended, sparsely, to its virtual size
+/// and an eighth more for metadata: room to allocate every cluster once); `ro` opens it
+/// read-only; `cache` sizes the metadata cache
 /// ([`DEFAULT_CACHE_BYTES`](crate::DEFAULT_CACHE_BYTES) by default).
 ///
 /// Inside `layered` it is a layer over the layers after it; alone it is a disk whose
@@ -34,6 +36,10 @@ impl Qcow2Resolver {
         let mut host = DiskSpec::new(if direct { "blockdev" } else { "file" }).arg(path);
         if read_only {
             host = host.arg("ro");
+        }
+        if direct && !read_only {
+            make_room_for_direct(path)
+                .map_err(|e| ctx.error_with("cannot size the image file", e))?;
         }
         let grow: Option<GrowFn> = if read_only || direct {
             None
@@ -104,4 +110,32 @@ impl ResolveLayer for Qcow2Resolver {
         let (layer, _) = self.open(ctx, args)?;
         Ok(DiskLayer::new(Qcow2Attach(layer)))
     }
+}
+
+/// Extends the regular file at `path` (sparsely) to the image's virtual size plus an eighth
+/// and 64 MiB, so an image opened through a disk that cannot grow can allocate every cluster
+/// once. A block device, or a file that is already that large, is left alone (allocation
+/// past its end then fails with an i/o error).
+fn make_room_for_direct(path: &str) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let mut head = [0u8; 32];
+    file.read_exact(&mut head)?;
+    let size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
+    // The header is checked when the image is opened; only a sane size is acted on here.
+    if size > crate::header::MAX_VIRTUAL_BYTES {
+        return Ok(());
+    }
+    let room = (size + size / 8 + (64 << 20)).next_multiple_of(1 << 20);
+    if meta.len() < room {
+        file.set_len(room)?;
+    }
+    Ok(())
 }
