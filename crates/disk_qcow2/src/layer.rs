@@ -12,6 +12,7 @@ use disk_layered::{LayerAttach, LayerIo, LowerLayerMetadata, LowerLayers, Sector
 use event_listener::Event;
 use futures::lock::Mutex;
 use request_buffers::{MemoryRead, MemoryWrite, OwnedRequestBuffers, RequestBuffers};
+use smallvec::SmallVec;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,6 +84,17 @@ pub struct Qcow2Layer {
     /// Notified whenever an allocation finishes.
     allocated: Event,
     resized: Event,
+}
+
+/// The most bytes of whole clusters one write allocates at once.
+const MAX_RUN_BYTES: u64 = 1 << 20;
+
+/// A guest cluster being allocated: its old mapping and the host cluster reserved for it.
+struct Reserved<'a> {
+    cluster: u64,
+    old: Mapping,
+    host: u64,
+    _guard: InFlight<'a>,
 }
 
 /// Marks a guest cluster's allocation in flight until dropped (also when the write's future
@@ -544,28 +556,73 @@ impl Qcow2Layer {
                 continue;
             }
             let piece = (cluster_start + cs).min(start + len) - (start + pos);
-            let data = buffers.subrange(pos as usize, piece as usize);
             // Reserve the cluster and its host cluster under the lock, fill it without the
             // lock (reads and other writes go on meanwhile; reads of this cluster see its
             // old mapping until it is published), then publish the new mapping.
+            let mut run: SmallVec<[Reserved<'_>; 4]> = SmallVec::new();
             let guard = InFlight::new(self, cluster);
             let host = meta.alloc_cluster(&self.file, &self.g).await?;
+            run.push(Reserved {
+                cluster,
+                old: mapping,
+                host,
+                _guard: guard,
+            });
+            // A write that covers whole clusters reserves the ones that follow too (up to
+            // 1 MiB of them), so clusters allocated one after the other take one host write.
+            let mut end = pos + piece;
+            if start + pos == cluster_start && piece == cs {
+                while end + cs <= len && end - pos < MAX_RUN_BYTES {
+                    let next = (start + end) >> self.g.cluster_bits;
+                    if self.allocation_in_flight(next).is_some() {
+                        break;
+                    }
+                    let (old, _) = meta.lookup(&self.file, &self.g, start + end).await?;
+                    if matches!(old, Mapping::Data { .. }) {
+                        // In place, or to be copied: left to the next round.
+                        break;
+                    }
+                    let guard = InFlight::new(self, next);
+                    let host = meta.alloc_cluster(&self.file, &self.g).await?;
+                    run.push(Reserved {
+                        cluster: next,
+                        old,
+                        host,
+                        _guard: guard,
+                    });
+                    end += cs;
+                }
+            }
             drop(meta);
-            let filled = self
-                .fill_cluster(host, mapping, &data, start + pos, below)
-                .await;
+            let filled = if run.len() == 1 {
+                let data = buffers.subrange(pos as usize, piece as usize);
+                self.fill_cluster(host, mapping, &data, start + pos, below)
+                    .await
+            } else {
+                self.write_whole_clusters(&run, buffers, pos).await
+            };
             let mut meta = self.meta.lock().await;
             if let Err(e) = filled {
-                // Nothing points at the reserved cluster: free it at the next write-back.
-                meta.release(&self.g, Mapping::Data { host, copied: true });
+                // Nothing points at the reserved clusters: free them at the next write-back.
+                for r in &run {
+                    meta.release(
+                        &self.g,
+                        Mapping::Data {
+                            host: r.host,
+                            copied: true,
+                        },
+                    );
+                }
                 return Err(e);
             }
-            meta.set_l2(&self.file, &self.g, cluster, host | COPIED, mapping)
-                .await?;
+            for r in &run {
+                meta.set_l2(&self.file, &self.g, r.cluster, r.host | COPIED, r.old)
+                    .await?;
+            }
             drop(meta);
-            drop(guard);
+            drop(run);
             allocated = true;
-            pos += piece;
+            pos = end;
         }
         // A FUA write is durable with its mapping: the clusters it allocated, or an
         // in-place write into a cluster allocated since the last flush, need the metadata
@@ -626,6 +683,35 @@ impl Qcow2Layer {
         data.reader()
             .read(&mut cluster[in_cluster..in_cluster + piece])?;
         self.file.write(host, &cluster, false).await
+    }
+
+    /// Writes whole clusters reserved for consecutive guest clusters from `buffers` (the
+    /// first at byte `pos` of them): one host write per run of host clusters that follow
+    /// each other in the file.
+    async fn write_whole_clusters(
+        &self,
+        run: &[Reserved<'_>],
+        buffers: &RequestBuffers<'_>,
+        pos: u64,
+    ) -> Result<(), DiskError> {
+        let cs = self.g.cluster_size;
+        let mut i = 0;
+        while i < run.len() {
+            let mut j = i + 1;
+            while j < run.len() && run[j].host == run[j - 1].host + cs {
+                j += 1;
+            }
+            let sub = buffers.subrange(
+                (pos + i as u64 * cs) as usize,
+                ((j - i) as u64 * cs) as usize,
+            );
+            self.file
+                .disk()
+                .write_vectored(&sub, run[i].host >> self.file.shift(), false)
+                .await?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// Allocates the cluster of guest byte `offset` and writes `data` there, all under the
