@@ -69,6 +69,11 @@ impl CreateOptions {
 
 /// A qcow2 image as a layer of a [`LayeredDisk`](disk_layered::LayeredDisk). See the
 /// [crate documentation](crate).
+///
+/// Dropping a writable layer writes its cached metadata back (as QEMU does when it closes
+/// an image), blocking the dropping thread until the image file's disk completes: flush
+/// with [`sync_cache`](LayerIo::sync_cache) before dropping it on an executor thread that
+/// the disk's completions need.
 pub struct Qcow2Layer {
     file: ImageFile,
     g: Geometry,

@@ -6,8 +6,9 @@ use crate::header::{Header, MAX_REFTABLE_BYTES, field, incompatible};
 use crate::host::ImageFile;
 use crate::meta::{Geometry, update_header};
 
-/// The most clusters a rebuild counts (4 bytes each in memory).
-const MAX_CLUSTERS: u64 = 1 << 26;
+/// The most clusters a rebuild counts (4 bytes each in memory: 64 MiB; a 1 TiB file of
+/// 64 KiB clusters).
+const MAX_CLUSTERS: u64 = 1 << 24;
 
 /// Counts the references to every cluster from the header, the L1 table, the L2 tables and
 /// the data clusters they point at; writes a new refcount table and blocks after the end of

@@ -309,3 +309,16 @@ fn crashes_version_2() {
         40,
     );
 }
+
+#[test]
+fn crashes_2k_clusters_1_bit_refcounts() {
+    crashes(
+        CreateOptions {
+            cluster_bits: 11,
+            refcount_order: 0,
+            ..CreateOptions::new(2 << 20)
+        },
+        4,
+        30,
+    );
+}
