@@ -950,7 +950,14 @@ impl LayerIo for Qcow2Layer {
         if self.read_only {
             return Ok(());
         }
-        self.meta.lock().await.writeback(&self.file, &self.g).await
+        let mut meta = self.meta.lock().await;
+        if meta.is_dirty() {
+            return meta.writeback(&self.file, &self.g).await;
+        }
+        // Only data was written since the last write-back (in place): the file's flush
+        // needs no lock, so reads and writes go on meanwhile.
+        drop(meta);
+        self.file.flush().await
     }
 
     async fn read(
