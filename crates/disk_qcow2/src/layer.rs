@@ -779,6 +779,15 @@ impl Qcow2Layer {
                 meta = self.meta.lock().await;
                 continue;
             }
+            if next_is_zero && meta.l1_entry(&self.g, cluster) == Some(0) {
+                // No L2 table: nothing here to drop, up to the next table's clusters (a
+                // discard of a whole, mostly empty disk costs one step per L1 entry).
+                let bytes_per_l2 = self.g.bytes_per_l2();
+                pos = ((pos / bytes_per_l2) + 1)
+                    .saturating_mul(bytes_per_l2)
+                    .min(end);
+                continue;
+            }
             let (mapping, _) = meta.lookup(&self.file, &self.g, pos).await?;
             if pos == cluster_start && piece_end == cluster_end {
                 let entry = if next_is_zero {

@@ -384,6 +384,14 @@ impl Meta {
         Ok(offset)
     }
 
+    /// The L2 table offset the L1 entry of guest cluster `cluster` holds (0: none), or `None`
+    /// past the L1 table.
+    pub fn l1_entry(&self, g: &Geometry, cluster: u64) -> Option<u64> {
+        self.l1
+            .get((cluster >> g.l2_bits) as usize)
+            .map(|e| e & OFFSET_MASK)
+    }
+
     /// The L2 table for guest cluster `cluster`, allocated (empty) if the L1 entry has none.
     pub async fn l2_for_write(
         &mut self,

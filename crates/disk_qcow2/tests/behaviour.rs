@@ -335,3 +335,16 @@ fn concurrent_allocation_loses_nothing_and_reads_old_or_new() {
     });
     block_on(disk.sync_cache()).unwrap();
 }
+
+#[test]
+fn discarding_a_whole_large_disk_skips_empty_tables() {
+    // 1 TiB: 2048 L1 entries, 16 M clusters. A discard of everything steps over the L1
+    // entries without tables and drops the clusters of the one that has one.
+    let file = tempfile::tempfile().unwrap();
+    create(&file, &CreateOptions::new(1 << 40));
+    let disk = stack(false, vec![qcow2_layer(layer(&file, false))]);
+    write(&disk, (1 << 31) - 16, &[4; 8192]);
+    block_on(disk.unmap(0, disk.sector_count(), false)).unwrap();
+    assert_eq!(read(&disk, (1 << 31) - 16, 8192), vec![0; 8192]);
+    block_on(disk.sync_cache()).unwrap();
+}
