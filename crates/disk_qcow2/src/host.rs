@@ -14,6 +14,8 @@ pub type GrowFn = Box<dyn Fn(u64) -> io::Result<()> + Send + Sync>;
 pub struct ImageFile {
     disk: Disk,
     grow: Option<GrowFn>,
+    /// Kept open while the image is (with the lock it holds, if any).
+    _held: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for ImageFile {
@@ -32,7 +34,18 @@ impl ImageFile {
     /// The image file on `disk`; `grow` extends the storage behind it (`None`: a fixed size,
     /// such as a block device or a file opened through io_uring).
     pub fn new(disk: Disk, grow: Option<GrowFn>) -> Self {
-        Self { disk, grow }
+        Self {
+            disk,
+            grow,
+            _held: None,
+        }
+    }
+
+    /// Keeps `file` open for as long as the image is open: a handle holding an advisory
+    /// lock on the image file, say.
+    pub fn holding(mut self, file: std::fs::File) -> Self {
+        self._held = Some(file);
+        self
     }
 
     /// The host disk.

@@ -37,16 +37,34 @@ impl Qcow2Resolver {
         if read_only {
             host = host.arg("ro");
         }
+        // One handle for the whole time the image is open: it holds an advisory lock (one
+        // writer, or any number of readers, among the processes that use it) and grows the
+        // file.
+        let handle = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| ctx.error_with("cannot open the image file", e))?;
+        let locked = if read_only {
+            handle.try_lock_shared()
+        } else {
+            handle.try_lock()
+        };
+        locked.map_err(|e| {
+            ctx.error_with(
+                "the image is in use by another process (it holds a lock on the file)",
+                e,
+            )
+        })?;
         if direct && !read_only {
-            make_room_for_direct(path)
+            make_room_for_direct(&handle)
                 .map_err(|e| ctx.error_with("cannot size the image file", e))?;
         }
         let grow: Option<GrowFn> = if read_only || direct {
             None
         } else {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
+            let file = handle
+                .try_clone()
                 .map_err(|e| ctx.error_with("cannot open the image file to grow it", e))?;
             // `qemu-img create` ends an image inside a sector, which a file disk would not
             // see: round the file up to whole sectors (what follows the end reads as zeros).
@@ -70,9 +88,11 @@ impl Qcow2Resolver {
             read_only,
             cache_bytes,
         };
-        let layer =
-            futures::executor::block_on(Qcow2Layer::open(ImageFile::new(disk, grow), &options))
-                .map_err(|e| ctx.error_with("cannot open the qcow2 image", e))?;
+        let layer = futures::executor::block_on(Qcow2Layer::open(
+            ImageFile::new(disk, grow).holding(handle),
+            &options,
+        ))
+        .map_err(|e| ctx.error_with("cannot open the qcow2 image", e))?;
         Ok((Arc::new(layer), read_only))
     }
 }
@@ -112,22 +132,18 @@ impl ResolveLayer for Qcow2Resolver {
     }
 }
 
-/// Extends the regular file at `path` (sparsely) to the image's virtual size plus an eighth
+/// Extends the regular `file` (sparsely) to the image's virtual size plus an eighth
 /// and 64 MiB, so an image opened through a disk that cannot grow can allocate every cluster
 /// once. A block device, or a file that is already that large, is left alone (allocation
 /// past its end then fails with an i/o error).
-fn make_room_for_direct(path: &str) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
+fn make_room_for_direct(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Ok(());
     }
     let mut head = [0u8; 32];
-    file.read_exact(&mut head)?;
+    file.read_exact_at(&mut head, 0)?;
     let size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
     // The header is checked when the image is opened; only a sane size is acted on here.
     if size > crate::header::MAX_VIRTUAL_BYTES {

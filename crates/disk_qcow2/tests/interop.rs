@@ -525,3 +525,26 @@ fn dirty_images_get_their_refcounts_rebuilt() {
             .all(|&b| b == 0x22)
     );
 }
+
+#[test]
+fn a_writer_locks_the_image_against_other_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.qcow2");
+    create(
+        &std::fs::File::create_new(&path).unwrap(),
+        &CreateOptions::new(1 << 20),
+    );
+    let p = path.to_str().unwrap();
+    let writer = resolve(&format!("qcow2(\"{p}\")")).unwrap();
+    for spec in [format!("qcow2(\"{p}\")"), format!("qcow2(\"{p}\", ro)")] {
+        let err = resolve(&spec).unwrap_err();
+        assert!(err.contains("in use by another process"), "{err}");
+    }
+    drop(writer);
+    // Readers share.
+    let a = resolve(&format!("qcow2(\"{p}\", ro)")).unwrap();
+    let b = resolve(&format!("qcow2(\"{p}\", ro)")).unwrap();
+    assert!(resolve(&format!("qcow2(\"{p}\")")).is_err());
+    drop((a, b));
+    resolve(&format!("qcow2(\"{p}\")")).unwrap();
+}
