@@ -543,8 +543,9 @@ impl Meta {
         if fresh {
             f.flush().await?;
         }
-        // 5. The L1 table and the header.
-        if let Some((old, bytes)) = self.l1_moved.take() {
+        // 5. The L1 table and the header. A move or a new size is forgotten only once the
+        // header says so: after a failed write, the next write-back does it again.
+        if self.l1_moved.is_some() {
             let table = encode_table(&self.l1, g.cluster_size);
             f.write(self.l1_offset, &table, false).await?;
             f.flush().await?;
@@ -556,19 +557,21 @@ impl Meta {
                 field::L1_SIZE,
                 (self.l1.len() as u32).to_be_bytes().to_vec(),
             ));
-            for c in 0..bytes / g.cluster_size {
-                self.deferred_free.push(old + c * g.cluster_size);
-            }
-            self.l1_dirty.clear();
         } else {
             write_entries(f, &self.l1, self.l1_offset, &self.l1_dirty, sector).await?;
-            self.l1_dirty.clear();
         }
-        if let Some(size) = self.size_changed.take() {
+        if let Some(size) = self.size_changed {
             header.push((field::SIZE, size.to_be_bytes().to_vec()));
         }
         if !header.is_empty() {
             update_header(f, &header).await?;
+        }
+        self.l1_dirty.clear();
+        self.size_changed = None;
+        if let Some((old, bytes)) = self.l1_moved.take() {
+            for c in 0..bytes / g.cluster_size {
+                self.deferred_free.push(old + c * g.cluster_size);
+            }
         }
         // 6.
         f.flush().await?;
@@ -606,7 +609,9 @@ impl Meta {
         }
         // 2. The refcount table.
         let mut header: Vec<(usize, Vec<u8>)> = Vec::new();
-        if let Some((old, clusters)) = self.reftable_moved.take() {
+        // The move is forgotten only once it is complete: after a failed write, the next
+        // write-back writes the whole table again.
+        if let Some((old, clusters)) = self.reftable_moved {
             let bytes = encode_table(&self.reftable, g.cluster_size);
             f.write(self.reftable_offset, &bytes, false).await?;
             f.flush().await?;
@@ -623,6 +628,7 @@ impl Meta {
             self.reftable_dirty.clear();
             update_header(f, &header).await?;
             header.clear();
+            self.reftable_moved = None;
             for c in 0..clusters {
                 self.deferred_free.push(old + c * g.cluster_size);
             }

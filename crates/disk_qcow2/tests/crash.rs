@@ -26,6 +26,31 @@ const SECTOR: usize = 512;
 struct CacheDisk {
     sectors: u64,
     state: Mutex<CacheState>,
+    /// Writes and flushes to fail from now on (an injected i/o error each).
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl CacheDisk {
+    fn new(sectors: u64, state: CacheState) -> Self {
+        Self {
+            sectors,
+            state: Mutex::new(state),
+            failures: Default::default(),
+        }
+    }
+
+    fn inject(&self) -> Result<(), DiskError> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            Err(DiskError::Io(std::io::Error::other("injected")))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[derive(Default)]
@@ -98,6 +123,7 @@ impl DiskIo for CacheDisk {
         fua: bool,
     ) -> Result<(), DiskError> {
         check_range(self, sector, buffers.len())?;
+        self.inject()?;
         let mut data = vec![0; buffers.len()];
         buffers.reader().read(&mut data)?;
         let mut state = self.state.lock();
@@ -118,6 +144,7 @@ impl DiskIo for CacheDisk {
         Ok(())
     }
     async fn sync_cache(&self) -> Result<(), DiskError> {
+        self.inject()?;
         let mut state = self.state.lock();
         let pending = std::mem::take(&mut state.pending);
         for (s, data) in pending {
@@ -155,6 +182,32 @@ fn open_stack(host: Disk, read_only: bool) -> Disk {
     .unwrap()
 }
 
+/// `qemu-img check` on the image made of `sectors`: no corruption (leaked clusters allowed).
+fn check_image(sectors: &HashMap<u64, Vec<u8>>, what: &str) {
+    if !have_qemu() {
+        return;
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let end = sectors.keys().max().map_or(0, |s| s + 1);
+    let mut bytes = vec![0u8; end as usize * SECTOR];
+    for (s, data) in sectors {
+        bytes[*s as usize * SECTOR..(*s as usize + 1) * SECTOR].copy_from_slice(data);
+    }
+    std::fs::write(file.path(), &bytes).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    // 0: clean; 3: leaked clusters only. 2 would be corruption.
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{what}: qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Rounds per geometry: `rounds`, or `QCOW2_CRASH_ROUNDS` for a long run on demand.
 fn crashes(options: CreateOptions, seed: u64, rounds: usize) {
     let rounds = std::env::var("QCOW2_CRASH_ROUNDS")
@@ -166,10 +219,7 @@ fn crashes(options: CreateOptions, seed: u64, rounds: usize) {
     let sectors = options.size / SECTOR as u64;
     let host_sectors = (options.size * 3) / SECTOR as u64 + 4096;
     for round in 0..rounds {
-        let cache = Arc::new(CacheDisk {
-            sectors: host_sectors,
-            state: Mutex::default(),
-        });
+        let cache = Arc::new(CacheDisk::new(host_sectors, CacheState::default()));
         let host = Disk::new(cache.clone()).unwrap();
         block_on(Qcow2Layer::create(
             &ImageFile::new(host.clone(), None),
@@ -224,35 +274,15 @@ fn crashes(options: CreateOptions, seed: u64, rounds: usize) {
         let image = cache.crash(&mut rng);
         std::mem::forget(disk);
 
-        let crashed = Arc::new(CacheDisk {
-            sectors: host_sectors,
-            state: Mutex::new(CacheState {
+        let crashed = Arc::new(CacheDisk::new(
+            host_sectors,
+            CacheState {
                 current: image.clone(),
                 durable: image.clone(),
                 pending: Vec::new(),
-            }),
-        });
-        if have_qemu() {
-            let file = tempfile::NamedTempFile::new().unwrap();
-            let end = image.keys().max().map_or(0, |s| s + 1);
-            let mut bytes = vec![0u8; end as usize * SECTOR];
-            for (s, data) in &image {
-                bytes[*s as usize * SECTOR..(*s as usize + 1) * SECTOR].copy_from_slice(data);
-            }
-            std::fs::write(file.path(), &bytes).unwrap();
-            let out = std::process::Command::new("qemu-img")
-                .args(["check", "-f", "qcow2"])
-                .arg(file.path())
-                .output()
-                .unwrap();
-            // 0: clean; 3: leaked clusters only. 2 would be corruption.
-            assert!(
-                matches!(out.status.code(), Some(0 | 3)),
-                "round {round}: qemu-img check after a crash: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+            },
+        ));
+        check_image(&image, &format!("round {round}"));
         let disk = open_stack(Disk::new(crashed.clone()).unwrap(), true);
         let buf = OwnedRequestBuffers::new(size);
         block_on(disk.read_vectored(&buf.buffers(true), 0)).unwrap();
@@ -321,4 +351,87 @@ fn crashes_2k_clusters_1_bit_refcounts() {
         4,
         30,
     );
+}
+
+/// Writes and flushes of the image file fail at random moments (each failure an i/o error
+/// the layer passes up), then the file works again: after a flush the image passes
+/// `qemu-img check` without corruption, and what succeeded reads back.
+#[test]
+fn failed_writes_leave_a_consistent_image() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let options = CreateOptions {
+        cluster_bits: 10,
+        refcount_order: 2,
+        ..CreateOptions::new(1 << 20)
+    };
+    let size = options.size as usize;
+    let sectors = options.size / SECTOR as u64;
+    for round in 0..30 {
+        let cache = Arc::new(CacheDisk::new(sectors * 4, CacheState::default()));
+        let host = Disk::new(cache.clone()).unwrap();
+        block_on(Qcow2Layer::create(
+            &ImageFile::new(host.clone(), None),
+            &options,
+        ))
+        .unwrap();
+        let disk = open_stack(host, false);
+        let mut model = vec![0u8; size];
+        let mut unknown: BTreeSet<u64> = BTreeSet::new();
+        for _ in 0..60 {
+            if rng.random_bool(0.1) {
+                cache
+                    .failures
+                    .store(rng.random_range(1..4), std::sync::atomic::Ordering::Relaxed);
+            }
+            let count = rng.random_range(1..=64u64);
+            let sector = rng.random_range(0..=sectors - count);
+            let at = sector as usize * SECTOR;
+            let len = count as usize * SECTOR;
+            let result = match rng.random_range(0..10) {
+                0..7 => {
+                    let mut data = vec![0; len];
+                    rng.fill_bytes(&mut data);
+                    let buf = OwnedRequestBuffers::from_slice(&data);
+                    let r = block_on(disk.write_vectored(&buf.buffers(false), sector, false));
+                    if r.is_ok() {
+                        model[at..at + len].copy_from_slice(&data);
+                    }
+                    r
+                }
+                7..9 => {
+                    let r = block_on(disk.unmap(sector, count, false));
+                    if r.is_ok() {
+                        model[at..at + len].fill(0);
+                    }
+                    r
+                }
+                _ => block_on(disk.sync_cache()),
+            };
+            if result.is_err() {
+                // A failed request may have changed its sectors, or not.
+                unknown.extend(sector..sector + count);
+            } else {
+                for s in sector..sector + count {
+                    unknown.remove(&s);
+                }
+            }
+        }
+        cache
+            .failures
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        block_on(disk.sync_cache()).unwrap();
+        let buf = OwnedRequestBuffers::new(size);
+        block_on(disk.read_vectored(&buf.buffers(true), 0)).unwrap();
+        let back = buf.to_vec();
+        for s in 0..sectors {
+            let r = s as usize * SECTOR..(s as usize + 1) * SECTOR;
+            assert!(
+                unknown.contains(&s) || back[r.clone()] == model[r],
+                "round {round}: sector {s} lost a successful write"
+            );
+        }
+        std::mem::forget(disk);
+        let image = cache.state.lock().durable.clone();
+        check_image(&image, &format!("round {round} after injected failures"));
+    }
 }
