@@ -88,6 +88,12 @@ pub struct FileDiskOptions {
     /// the [crate documentation](crate)). Default `true`; `false` sends every request to
     /// the thread pool.
     pub inline_io: bool,
+    /// Serve a file whose size is not a whole number of sectors, leaving the partial last
+    /// sector out of reach (it is neither read nor written). Default `false`: such a file is
+    /// refused with [`OpenError::PartialSector`], since a guest disk that silently loses its
+    /// tail is a surprise. Format layers set it for their image files (`qemu-img create`
+    /// ends a qcow2 image inside a sector; the format reads what lies past the end as zeros).
+    pub partial_last_sector: bool,
 }
 
 impl Default for FileDiskOptions {
@@ -97,6 +103,7 @@ impl Default for FileDiskOptions {
             sector_size: 512,
             physical_sector_size: None,
             inline_io: true,
+            partial_last_sector: false,
         }
     }
 }
@@ -196,7 +203,7 @@ impl FileDisk {
     ///
     /// The size is the file's size (or a block device's) now, which must be a whole number
     /// of sectors ([`OpenError::PartialSector`] otherwise: the tail would be out of reach
-    /// without a word).
+    /// without a word) unless [`FileDiskOptions::partial_last_sector`] says to leave it.
     pub fn from_file(file: File, options: &FileDiskOptions) -> Result<Self, OpenError> {
         let sector_size = options.sector_size;
         if sector_size < 512 || !sector_size.is_power_of_two() {
@@ -213,7 +220,7 @@ impl FileDisk {
         if sector_count == 0 {
             return Err(OpenError::TooSmall { size, sector_size });
         }
-        if !size.is_multiple_of(u64::from(sector_size)) {
+        if !size.is_multiple_of(u64::from(sector_size)) && !options.partial_last_sector {
             return Err(OpenError::PartialSector { size, sector_size });
         }
         let unmap_behavior = if !options.read_only && sys::supports_punch_hole(&file, size) {

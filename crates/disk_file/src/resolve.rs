@@ -1,4 +1,4 @@
-//! `file(PATH, ro, pool, sector_size=BYTES, physical_sector_size=BYTES)`.
+//! `file(PATH, ro, pool, partial_sector, sector_size=BYTES, physical_sector_size=BYTES)`.
 
 use crate::{FileDisk, FileDiskOptions};
 use disk_backend::Disk;
@@ -14,7 +14,7 @@ impl ResolveDisk for FileResolver {
     }
 
     fn usage(&self) -> &str {
-        "file(PATH, [ro], [pool], [sector_size=BYTES], [physical_sector_size=BYTES]): a host file (pool: no request on the calling thread)"
+        "file(PATH, [ro], [pool], [partial_sector], [sector_size=BYTES], [physical_sector_size=BYTES]): a host file (pool: no request on the calling thread; partial_sector: serve a file that ends inside a sector, without that sector)"
     }
 
     fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
@@ -22,6 +22,7 @@ impl ResolveDisk for FileResolver {
         let path = args.positional_text(ctx, "a file path")?;
         let read_only = read_only || args.flag("ro");
         let pool = args.flag("pool");
+        let partial_last_sector = args.flag("partial_sector");
         let sector_size = args.named_size(ctx, "sector_size")?.unwrap_or(512);
         let physical = args.named_size(ctx, "physical_sector_size")?;
         args.finish(ctx)?;
@@ -35,6 +36,7 @@ impl ResolveDisk for FileResolver {
                 .map(|p| to_u32(p, "physical_sector_size"))
                 .transpose()?,
             inline_io: !pool,
+            partial_last_sector,
         };
         let file = FileDisk::open(path, &options)
             .map_err(|e| ctx.error_with("cannot open the file", e))?;

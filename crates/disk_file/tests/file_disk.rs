@@ -145,6 +145,21 @@ fn a_trailing_partial_sector_is_refused_and_the_file_never_grows() {
             sector_size: 512
         })
     ));
+    // Asked to, the disk leaves the partial sector out of reach, and never touches it.
+    let partial = FileDiskOptions {
+        partial_last_sector: true,
+        ..Default::default()
+    };
+    let disk = Disk::new(FileDisk::open(file.path(), &partial).unwrap()).unwrap();
+    assert_eq!(disk.sector_count(), 10);
+    let tail = OwnedRequestBuffers::from_slice(&[1; 512]);
+    assert!(matches!(
+        block_on(disk.write_vectored(&tail.buffers(false), 10, false)),
+        Err(DiskError::IllegalBlock)
+    ));
+    block_on(disk.write_vectored(&tail.buffers(false), 9, false)).unwrap();
+    assert_eq!(file.as_file().metadata().unwrap().len(), 10 * 512 + 100);
+
     file.as_file().set_len(10 * 512).unwrap();
     let disk =
         Disk::new(FileDisk::open(file.path(), &FileDiskOptions::default()).unwrap()).unwrap();

@@ -8,12 +8,11 @@
 
 mod support;
 
+use support::cfg;
+
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 use disk_file::{FileDisk, FileDiskOptions};
-use disk_layered::{
-    DiskAsLayer, DiskLayer, LayerConfiguration, LayerIo, LayeredDisk, SectorMarker,
-    WriteNoOverwrite,
-};
+use disk_layered::{DiskAsLayer, LayerIo, LayeredDisk, SectorMarker, WriteNoOverwrite};
 use disk_ram::{RamDisk, RamLayer};
 use futures::executor::block_on;
 use parking_lot::Mutex;
@@ -207,18 +206,6 @@ fn run_adversarially(gate: &Gate, mut requests: Vec<Request<'_>>, mut between: i
     }
 }
 
-fn cfg(
-    layer: impl disk_layered::LayerAttach,
-    write_through: bool,
-    read_cache: bool,
-) -> LayerConfiguration {
-    LayerConfiguration {
-        layer: DiskLayer::new(layer),
-        write_through,
-        read_cache,
-    }
-}
-
 fn ram_disk(sectors: u64, value: u8) -> Disk {
     let disk = Disk::new(RamDisk::new(sectors, 512).unwrap()).unwrap();
     let data = OwnedRequestBuffers::from_slice(&vec![value; sectors as usize * 512]);
@@ -232,24 +219,17 @@ fn read_all(disk: &impl DiskIo, sectors: u64) -> Vec<u8> {
     buf.to_vec()
 }
 
-/// 128 KiB writes of 'A' and 'B' to sector 0, issued together, with the write-through
-/// upper layer's writes held and released newest first.
-#[test]
-fn overlapping_writes_leave_every_layer_alike() {
-    const SECTORS: u64 = 256;
-    let gate = Gate::default();
-    let top = Arc::new(RamLayer::new(SECTORS, 512).unwrap());
-    let bottom = ram_disk(SECTORS, 0);
-    let disk = LayeredDisk::new(
+/// `layered(layer(gate(ram), write_through), bottom)`: the upper layer's chosen calls wait
+/// at the gate. Returns the disk.
+fn write_through_over(sectors: u64, bottom: &Disk, gate: &Gate, hold: Hold) -> LayeredDisk {
+    let top = Arc::new(RamLayer::new(sectors, 512).unwrap());
+    LayeredDisk::new(
         false,
         vec![
             cfg(
                 GateLayer {
-                    inner: top.clone(),
-                    hold: Hold {
-                        writes: true,
-                        ..Hold::default()
-                    },
+                    inner: top,
+                    hold,
                     gate: gate.clone(),
                 },
                 true,
@@ -258,7 +238,33 @@ fn overlapping_writes_leave_every_layer_alike() {
             cfg(DiskAsLayer::new(bottom.clone()), false, false),
         ],
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Panics if the stack reads differently from its bottom layer.
+fn assert_alike(disk: &LayeredDisk, bottom: &Disk, sectors: u64) {
+    let seen = read_all(disk, sectors);
+    let stored = read_all(bottom, sectors);
+    assert!(
+        seen == stored,
+        "the layers disagree: the disk reads {:?}.., the lower layer holds {:?}..",
+        &seen[..1],
+        &stored[..1]
+    );
+}
+
+/// 128 KiB writes of 'A' and 'B' to sector 0, issued together, with the write-through
+/// upper layer's writes held and released newest first.
+#[test]
+fn overlapping_writes_leave_every_layer_alike() {
+    const SECTORS: u64 = 256;
+    let gate = Gate::default();
+    let bottom = ram_disk(SECTORS, 0);
+    let hold = Hold {
+        writes: true,
+        ..Hold::default()
+    };
+    let disk = write_through_over(SECTORS, &bottom, &gate, hold);
     let a = OwnedRequestBuffers::from_slice(&vec![b'A'; SECTORS as usize * 512]);
     let b = OwnedRequestBuffers::from_slice(&vec![b'B'; SECTORS as usize * 512]);
     let (a, b) = (a.buffers(false), b.buffers(false));
@@ -271,14 +277,7 @@ fn overlapping_writes_leave_every_layer_alike() {
         || {},
     );
     block_on(disk.sync_cache()).unwrap();
-    let seen = read_all(&disk, SECTORS);
-    let stored = read_all(&bottom, SECTORS);
-    assert!(
-        seen == stored,
-        "the layers disagree: the disk reads {:?}.., the lower layer holds {:?}..",
-        &seen[..1],
-        &stored[..1]
-    );
+    assert_alike(&disk, &bottom, SECTORS);
 }
 
 /// A write and an unmap of the same range, issued together, with the upper layer's calls
@@ -287,28 +286,13 @@ fn overlapping_writes_leave_every_layer_alike() {
 fn a_write_racing_an_unmap_leaves_every_layer_alike() {
     const SECTORS: u64 = 64;
     let gate = Gate::default();
-    let top = Arc::new(RamLayer::new(SECTORS, 512).unwrap());
     let bottom = ram_disk(SECTORS, b'O');
-    let disk = LayeredDisk::new(
-        false,
-        vec![
-            cfg(
-                GateLayer {
-                    inner: top.clone(),
-                    hold: Hold {
-                        writes: true,
-                        unmaps: true,
-                        ..Hold::default()
-                    },
-                    gate: gate.clone(),
-                },
-                true,
-                false,
-            ),
-            cfg(DiskAsLayer::new(bottom.clone()), false, false),
-        ],
-    )
-    .unwrap();
+    let hold = Hold {
+        writes: true,
+        unmaps: true,
+        ..Hold::default()
+    };
+    let disk = write_through_over(SECTORS, &bottom, &gate, hold);
     let a = OwnedRequestBuffers::from_slice(&vec![b'A'; SECTORS as usize * 512]);
     let a = a.buffers(false);
     run_adversarially(
@@ -319,14 +303,7 @@ fn a_write_racing_an_unmap_leaves_every_layer_alike() {
         ],
         || {},
     );
-    let seen = read_all(&disk, SECTORS);
-    let stored = read_all(&bottom, SECTORS);
-    assert!(
-        seen == stored,
-        "the layers disagree: the disk reads {:?}.., the lower layer holds {:?}..",
-        &seen[..1],
-        &stored[..1]
-    );
+    assert_alike(&disk, &bottom, SECTORS);
 }
 
 /// A read that missed a write-through read cache, racing an unmap of the same range: the

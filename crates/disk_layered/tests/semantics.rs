@@ -3,27 +3,13 @@
 mod support;
 
 use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
-use disk_layered::{
-    DiskAsLayer, DiskLayer, InvalidLayeredDisk, LayerConfiguration, LayerIo, LayeredDisk,
-};
+use disk_layered::{DiskAsLayer, InvalidLayeredDisk, LayerIo, LayeredDisk};
 use disk_ram::{RamDisk, RamLayer};
 use futures::FutureExt;
 use futures::executor::block_on;
 use request_buffers::OwnedRequestBuffers;
 use std::sync::Arc;
-use support::ProbeLayer;
-
-fn cfg(
-    layer: impl disk_layered::LayerAttach,
-    write_through: bool,
-    read_cache: bool,
-) -> LayerConfiguration {
-    LayerConfiguration {
-        layer: DiskLayer::new(layer),
-        write_through,
-        read_cache,
-    }
-}
+use support::{ProbeLayer, cfg};
 
 /// Writes `value` into `sectors` sectors at `sector` of a layer directly.
 fn fill(layer: &impl LayerIo, sector: u64, sectors: usize, value: u8) {

@@ -34,6 +34,11 @@ impl Qcow2Resolver {
             .unwrap_or(crate::DEFAULT_CACHE_BYTES);
         args.finish(ctx)?;
         let mut host = DiskSpec::new(if direct { "blockdev" } else { "file" }).arg(path);
+        if !direct {
+            // `qemu-img create` ends an image inside a sector; a read-only image keeps it so,
+            // and the format reads past the end as zeros.
+            host = host.arg("partial_sector");
+        }
         if read_only {
             host = host.arg("ro");
         }

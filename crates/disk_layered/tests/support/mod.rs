@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use disk_backend::{DiskError, UnmapBehavior};
-use disk_layered::{LayerIo, SectorMarker, WriteNoOverwrite};
+use disk_layered::{
+    DiskLayer, LayerAttach, LayerConfiguration, LayerIo, SectorMarker, WriteNoOverwrite,
+};
 use disk_ram::RamLayer;
 use parking_lot::Mutex;
 use request_buffers::RequestBuffers;
@@ -131,5 +133,14 @@ impl WriteNoOverwrite for &ProbeLayer {
         }
         let writer = LayerIo::write_no_overwrite(&*self.ram).expect("RAM layers can cache");
         writer.write_no_overwrite(buffers, sector).await
+    }
+}
+
+/// A layer's place in a stack: `write_through` and `read_cache` as given.
+pub fn cfg(layer: impl LayerAttach, write_through: bool, read_cache: bool) -> LayerConfiguration {
+    LayerConfiguration {
+        layer: DiskLayer::new(layer),
+        write_through,
+        read_cache,
     }
 }

@@ -16,6 +16,8 @@ use std::sync::Arc;
 pub fn image_file(file: &File, read_only: bool) -> ImageFile {
     let options = FileDiskOptions {
         read_only,
+        // As the resolver opens image files: `qemu-img create` ends one inside a sector.
+        partial_last_sector: true,
         ..Default::default()
     };
     let disk = FileDisk::from_file(file.try_clone().unwrap(), &options).unwrap();
