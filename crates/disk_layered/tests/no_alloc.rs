@@ -1,7 +1,7 @@
 //! Reads of up to 64 KiB through a four-layer stack make no heap allocation.
 //! (Its own binary, so no other test allocates concurrently.)
 
-use alloc_counter::{CountingAlloc, count};
+use alloc_counter::{CountingAlloc, count_on_this_thread};
 use disk_backend::Disk;
 use disk_layered::{DiskLayer, LayerConfiguration, LayerIo, LayeredDisk};
 use disk_ram::RamLayer;
@@ -45,7 +45,7 @@ fn reads_through_four_layers_do_not_allocate() {
             let buffers = buf.buffers(true);
             let step = (len / sector_size as usize) as u64;
             block_on(disk.read_vectored(&buffers, 0)).unwrap();
-            let ((), allocations) = count(|| {
+            let ((), allocations) = count_on_this_thread(|| {
                 for i in 0..500u64 {
                     block_on(disk.read_vectored(&buffers, (i * 7919 * step) % (sectors - step)))
                         .unwrap();

@@ -1,7 +1,7 @@
 //! Writes and read-cache hits on a stack whose requests hold their sector ranges make no
 //! heap allocation. (Its own binary, so no other test allocates concurrently.)
 
-use alloc_counter::{CountingAlloc, count};
+use alloc_counter::{CountingAlloc, count_on_this_thread};
 use disk_backend::Disk;
 use disk_layered::{DiskLayer, LayerConfiguration, LayeredDisk};
 use disk_ram::RamLayer;
@@ -40,14 +40,14 @@ fn writes_and_cache_hits_through_a_locked_stack_do_not_allocate() {
     for s in (0..sectors).step_by(32) {
         block_on(disk.write_vectored(&data.buffers(false), s, false)).unwrap();
     }
-    let ((), allocations) = count(|| {
+    let ((), allocations) = count_on_this_thread(|| {
         for i in 0..500u64 {
             let s = (i * 7919 * 32) % (sectors - 32);
             block_on(disk.write_vectored(&data.buffers(false), s, false)).unwrap();
             block_on(disk.read_vectored(&buf.buffers(true), s)).unwrap();
         }
     });
-    let ((), reads) = count(|| {
+    let ((), reads) = count_on_this_thread(|| {
         for i in 0..500u64 {
             let s = (i * 7919 * 32) % (sectors - 32);
             block_on(disk.read_vectored(&buf.buffers(true), s)).unwrap();
