@@ -33,11 +33,14 @@ pub struct StackDef {
     /// The command creating each image, `{image}` and `{size}` (bytes) substituted; `None`:
     /// a sparse file of the size.
     pub create: Option<&'static str>,
+    /// Run when `--stacks` is not given. The control stacks, which must fail, are not.
+    pub by_default: bool,
 }
 
 /// Every stack `cargo xtask crash` runs. A new persistent kind is one more line, e.g.
 /// `StackDef { name: "qcow2", write: "qcow2(file({a}))", check: &["qcow2(file({a}, ro))"],
-/// process_crash_safe: false, create: Some("qemu-img create -q -f qcow2 {image} {size}") }`.
+/// process_crash_safe: false, create: Some("qemu-img create -q -f qcow2 {image} {size}"),
+/// by_default: true }`.
 pub const STACKS: &[StackDef] = &[
     StackDef {
         name: "file",
@@ -45,6 +48,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        by_default: true,
     },
     StackDef {
         name: "blockdev",
@@ -52,6 +56,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["blockdev({loop_a}, ro)", "file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        by_default: true,
     },
     StackDef {
         name: "crypt",
@@ -59,6 +64,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["crypt(file({a}, ro), key={key})"],
         process_crash_safe: true,
         create: None,
+        by_default: true,
     },
     StackDef {
         name: "layered",
@@ -70,6 +76,17 @@ pub const STACKS: &[StackDef] = &[
         ],
         process_crash_safe: true,
         create: None,
+        by_default: true,
+    },
+    // The control: a RAM layer over a file keeps every write in the process, so each kill
+    // loses the acknowledged (and flushed) ones. The harness must report it.
+    StackDef {
+        name: "ram-over-file",
+        write: "layered(ram, file({a}))",
+        check: &["file({a}, ro)"],
+        process_crash_safe: true,
+        create: None,
+        by_default: false,
     },
 ];
 
@@ -79,7 +96,8 @@ pub struct RunArgs {
     /// Kills per stack.
     #[arg(long, default_value_t = 20)]
     pub iterations: u32,
-    /// Comma-separated stack names (default: every stack; `blockdev` only as root).
+    /// Comma-separated stack names (default: every persistent stack; `blockdev` only as
+    /// root). `ram-over-file` is a control that must fail: it loses every write at a kill.
     #[arg(long, value_delimiter = ',')]
     pub stacks: Vec<String>,
     /// Seed of the workloads and kill delays; iteration `i` of a stack uses `seed + i`.
@@ -95,6 +113,10 @@ pub struct RunArgs {
     /// Requests the writer keeps in flight.
     #[arg(long, default_value_t = 8)]
     pub queue_depth: usize,
+    /// Remove the files of a failing iteration too (by default they are kept, and their
+    /// directory printed).
+    #[arg(long)]
+    pub no_keep: bool,
     /// Where to create the images and the journal (default: `/dev/shm` where it exists,
     /// else the temporary directory). On a disk, every flush, FUA write and journal record
     /// waits for the device, and a kill finds a few writes done instead of hundreds.
@@ -119,7 +141,7 @@ struct Totals {
 /// Runs every selected stack; an error if any sector broke a property or a run failed.
 pub fn run(args: &RunArgs) -> Result<(), String> {
     let selected: Vec<&StackDef> = if args.stacks.is_empty() {
-        STACKS.iter().collect()
+        STACKS.iter().filter(|s| s.by_default).collect()
     } else {
         args.stacks
             .iter()
@@ -131,7 +153,7 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
             })
             .collect::<Result<_, _>>()?
     };
-    if args.size < 64 << 10 || args.size % 4096 != 0 {
+    if args.size < 64 << 10 || !args.size.is_multiple_of(4096) {
         return Err("--size must be a multiple of 4 KiB, at least 64 KiB".into());
     }
     let mut failed = Vec::new();
@@ -218,10 +240,9 @@ fn run_stack(stack: &StackDef, args: &RunArgs) -> Result<Totals, String> {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(message) => {
-                let kept = dir.keep();
+                let kept = keep(dir, args);
                 return Err(format!(
-                    "iteration {iteration} (seed {seed}): {message} (files kept in {})",
-                    kept.display()
+                    "iteration {iteration} (seed {seed}): {message}{kept}"
                 ));
             }
         };
@@ -236,17 +257,15 @@ fn run_stack(stack: &StackDef, args: &RunArgs) -> Result<Totals, String> {
         totals.sectors_checked += outcome.sectors_checked;
         if !outcome.violations.is_empty() {
             totals.violations += outcome.violations.len() as u64;
-            let kept = dir.keep();
+            let kept = keep(dir, args);
             println!(
-                "{}: iteration {iteration} (seed {seed}, kill after {} us): {} violations; \
-                 journal and images kept in {}",
+                "{}: iteration {iteration} (seed {seed}, kill after {} us): {} violations{kept}",
                 stack.name,
                 outcome.delay.as_micros(),
                 outcome.violations.len(),
-                kept.display()
             );
-            for (view, violation) in outcome.violations.iter().take(20) {
-                println!("  {view}: {violation}");
+            for line in violation_lines(&outcome.violations).iter().take(20) {
+                println!("  {line}");
             }
         }
         if (iteration + 1) % 50 == 0 && iteration + 1 < args.iterations {
@@ -254,6 +273,42 @@ fn run_stack(stack: &StackDef, args: &RunArgs) -> Result<Totals, String> {
         }
     }
     Ok(totals)
+}
+
+/// Keeps a failing iteration's directory unless `--no-keep`; says where.
+fn keep(dir: tempfile::TempDir, args: &RunArgs) -> String {
+    if args.no_keep {
+        return String::new();
+    }
+    format!("; journal and images kept in {}", dir.keep().display())
+}
+
+/// One line per run of neighbouring sectors that broke the same rule the same way.
+fn violation_lines(violations: &[(String, Violation)]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut run: Option<(&str, &Violation, u64)> = None;
+    let same = |a: &Violation, b: &Violation| {
+        (a.property, &a.allowed, a.found) == (b.property, &b.allowed, b.found)
+            && !matches!(a.found, super::stamp::Content::Misplaced { .. })
+    };
+    for (view, violation) in violations {
+        if let Some((run_view, first, last)) = run
+            && run_view == view
+            && last + 1 == violation.sector
+            && same(first, violation)
+        {
+            run = Some((run_view, first, violation.sector));
+            continue;
+        }
+        if let Some((run_view, first, last)) = run {
+            lines.push(format!("{run_view}: {}", first.describe(last)));
+        }
+        run = Some((view, violation, violation.sector));
+    }
+    if let Some((run_view, first, last)) = run {
+        lines.push(format!("{run_view}: {}", first.describe(last)));
+    }
+    lines
 }
 
 /// The files (and loop device) of one iteration, and its specs with them filled in.

@@ -111,13 +111,18 @@ pub struct Violation {
     pub property: Property,
 }
 
-impl std::fmt::Display for Violation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Violation {
+    /// This violation, said of the sectors from `self.sector` to `last` (which broke the
+    /// same rule the same way).
+    pub fn describe(&self, last: u64) -> String {
         let allowed: Vec<String> = self.allowed.iter().map(Outcome::to_string).collect();
-        write!(
-            f,
-            "sector {} holds {}; {} allows only: {}",
-            self.sector,
+        let sectors = if last > self.sector {
+            format!("sectors {} to {last} hold", self.sector)
+        } else {
+            format!("sector {} holds", self.sector)
+        };
+        format!(
+            "{sectors} {}; {} allows only: {}",
             self.found,
             match self.property {
                 Property::Contract => "the durability contract",
