@@ -30,8 +30,10 @@ verbs:
                       killed with SIGKILL at random moments, every sector checked after
                       each kill against the writer's journal (release build); ARGS:
                       --iterations N (default 20; CI runs 10 per stack as a test),
-                      --stacks LIST, --seed N, --max-delay-ms MS, --size BYTES,
-                      --queue-depth N, --dir DIR (default /dev/shm), --no-keep
+                      --stacks LIST, --seed N, --min-delay-ms MS, --max-delay-ms MS
+                      (a kill's delay after the writer starts, default 0 to 300),
+                      --size BYTES, --queue-depth N, --dir DIR (default /dev/shm),
+                      --no-keep (drop a failing iteration's files)
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
   bench blockdevice [ARGS]
                       disk_blockdevice against fio on loop devices it creates (root;

@@ -45,13 +45,13 @@ fn is_root() -> bool {
 
 #[test]
 fn crash_consistency_short_run() {
-    let mut stacks = vec!["file", "crypt", "layered"];
+    let mut stacks = vec!["file", "file-4k", "crypt", "layered"];
     if is_root() {
-        stacks.push("blockdev");
+        stacks.extend(["blockdev", "blockdev-buffered"]);
     } else {
         test_skip::skip("crash consistency on blockdev: loop devices need root");
     }
-    let output = crash_run(&stacks.join(","), 10);
+    let output = crash_run(&stacks.join(","), 10, ["0", "100"]);
     let out = text(&output);
     assert!(output.status.success(), "{out}");
     for stack in stacks {
@@ -66,7 +66,9 @@ fn crash_consistency_short_run() {
 /// would prove nothing.
 #[test]
 fn crash_harness_reports_lost_writes() {
-    let output = crash_run("ram-over-file", 3);
+    // At least 100 ms of writing before each kill, so that even on a loaded machine some
+    // writes were acknowledged (and lost).
+    let output = crash_run("ram-over-file", 3, ["100", "300"]);
     let out = text(&output);
     assert!(!output.status.success(), "{out}");
     assert!(

@@ -59,6 +59,22 @@ pub const STACKS: &[StackDef] = &[
         by_default: true,
     },
     StackDef {
+        name: "blockdev-buffered",
+        write: "blockdev({loop_a}, buffered)",
+        check: &["blockdev({loop_a}, ro)", "file({a}, ro)"],
+        process_crash_safe: true,
+        create: None,
+        by_default: true,
+    },
+    StackDef {
+        name: "file-4k",
+        write: "file({a}, sector_size=4096)",
+        check: &["file({a}, ro, sector_size=4096)"],
+        process_crash_safe: true,
+        create: None,
+        by_default: true,
+    },
+    StackDef {
         name: "crypt",
         write: "crypt(file({a}), key={key})",
         check: &["crypt(file({a}, ro), key={key})"],
@@ -107,6 +123,9 @@ pub struct RunArgs {
     /// kill; each kill picks a delay uniformly up to it.
     #[arg(long, default_value_t = 300)]
     pub max_delay_ms: u64,
+    /// Shortest such delay, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub min_delay_ms: u64,
     /// Size of each image (suffixes k, M).
     #[arg(long, default_value = "4M", value_parser = disk_backend::resolve::parse_size)]
     pub size: u64,
@@ -467,7 +486,10 @@ fn iterate(
     let stderr_path = images.dir.join("writer.stderr");
     let mut writer = Writer::start(images, args, seed, &journal_path, &stderr_path)?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6b69_6c6c);
-    let delay = Duration::from_micros(rng.random_range(0..=args.max_delay_ms * 1000));
+    let delay =
+        Duration::from_micros(rng.random_range(
+            args.min_delay_ms * 1000..=args.max_delay_ms.max(args.min_delay_ms) * 1000,
+        ));
     writer.wait_for_header(&journal_path)?;
     std::thread::sleep(delay);
     writer.kill()?;

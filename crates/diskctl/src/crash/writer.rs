@@ -58,7 +58,7 @@ impl Shared<'_> {
         self.journal
             .borrow_mut()
             .append(record)
-            .map_err(|e| super::super::stack::error_chain(&e))
+            .map_err(|e| crate::stack::error_chain(&e))
     }
 
     /// Claims a random range no request in flight touches.
