@@ -4,23 +4,27 @@
 
 use std::process::{Command, Output};
 
-fn crash_run(stacks: &str, iterations: u32) -> Output {
+/// `diskctl crash run` on 1 MiB images, each kill `delay_ms[0]` to `delay_ms[1]` ms after
+/// the writer started.
+fn crash_run(stacks: &str, iterations: u32, delay_ms: [&str; 2]) -> Output {
+    let iterations = iterations.to_string();
+    let args = [
+        "crash",
+        "run",
+        "--stacks",
+        stacks,
+        "--size",
+        "1M",
+        "--no-keep",
+        "--min-delay-ms",
+        delay_ms[0],
+        "--max-delay-ms",
+        delay_ms[1],
+        "--iterations",
+        &iterations,
+    ];
     Command::new(env!("CARGO_BIN_EXE_diskctl"))
-        .args([
-            "crash",
-            "run",
-            "--stacks",
-            stacks,
-            "--size",
-            "1M",
-            "--no-keep",
-        ])
-        .args([
-            "--max-delay-ms",
-            "100",
-            "--iterations",
-            &iterations.to_string(),
-        ])
+        .args(args)
         .output()
         .unwrap()
 }
