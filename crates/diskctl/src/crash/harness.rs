@@ -425,20 +425,24 @@ struct LoopDevice {
 
 impl LoopDevice {
     fn attach(file: &Path) -> Result<Self, String> {
-        let output = Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(file)
-            .output()
-            .map_err(|e| format!("cannot run losetup: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
+        // Another test attaching at the same moment can take the free device between
+        // `losetup -f` finding it and configuring it: try again.
+        let mut failure = String::new();
+        for _ in 0..5 {
+            let output = Command::new("losetup")
+                .args(["-f", "--show", "--direct-io=on"])
+                .arg(file)
+                .output()
+                .map_err(|e| format!("cannot run losetup: {e}"))?;
+            if output.status.success() {
+                return Ok(Self {
+                    path: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+                });
+            }
+            failure = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self {
-            path: String::from_utf8_lossy(&output.stdout).trim().to_string(),
-        })
+        Err(format!("losetup failed: {failure}"))
     }
 }
 
