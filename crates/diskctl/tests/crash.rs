@@ -7,6 +7,10 @@ use std::process::{Command, Output};
 /// `diskctl crash run` on 1 MiB images, each kill `delay_ms[0]` to `delay_ms[1]` ms after
 /// the writer started.
 fn crash_run(stacks: &str, iterations: u32, delay_ms: [&str; 2]) -> Output {
+    crash_run_with(stacks, iterations, delay_ms, &[])
+}
+
+fn crash_run_with(stacks: &str, iterations: u32, delay_ms: [&str; 2], more: &[&str]) -> Output {
     let iterations = iterations.to_string();
     let args = [
         "crash",
@@ -25,6 +29,7 @@ fn crash_run(stacks: &str, iterations: u32, delay_ms: [&str; 2]) -> Output {
     ];
     Command::new(env!("CARGO_BIN_EXE_diskctl"))
         .args(args)
+        .args(more)
         .output()
         .unwrap()
 }
@@ -51,7 +56,7 @@ fn is_root() -> bool {
 fn crash_consistency_short_run() {
     let mut stacks = vec!["file", "file-4k", "crypt", "layered"];
     if is_root() {
-        stacks.extend(["blockdev", "blockdev-buffered"]);
+        stacks.extend(["blockdev", "blockdev-buffered", "file-on-loop"]);
     } else {
         test_skip::skip("crash consistency on blockdev: loop devices need root");
     }
@@ -81,4 +86,20 @@ fn crash_harness_reports_lost_writes() {
     );
     assert!(!out.contains(" 0 violations"), "{out}");
     assert!(out.contains("the durability contract allows only"), "{out}");
+}
+
+/// The defect the long run found (docs/testing.md, Crash consistency): through the page
+/// cache, `BLKDISCARD` drops dirty pages before it discards, and a SIGKILL in between loses
+/// an acknowledged write in the range (about 2% of kills; 300 kills miss it with a
+/// probability near 0.2%). Run with `cargo test -p diskctl --test crash -- --ignored`.
+#[test]
+#[ignore = "fails until disk_blockdevice writes a range back before BLKDISCARD in buffered mode"]
+fn blockdev_buffered_unmap_keeps_acknowledged_writes_across_a_kill() {
+    if !is_root() {
+        test_skip::skip("crash consistency on blockdev: loop devices need root");
+        return;
+    }
+    let output = crash_run_with("blockdev-buffered", 300, ["0", "300"], &["--process-crash"]);
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
 }
