@@ -149,6 +149,10 @@ pub struct RunArgs {
     /// selected stack, also those checked against the durability contract only.
     #[arg(long)]
     pub process_crash: bool,
+    /// The writer flushes before every unmap (to tell whether lost writes were dirty pages
+    /// an unmap dropped).
+    #[arg(long)]
+    pub flush_before_unmap: bool,
     /// Requests the writer keeps in flight.
     #[arg(long, default_value_t = 8)]
     pub queue_depth: usize,
@@ -644,9 +648,14 @@ impl Writer {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find diskctl: {e}"))?;
         let stderr = std::fs::File::create(stderr_path)
             .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
-        let child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(["crash", "writer", &images.write_spec, "--journal"])
-            .arg(journal)
+            .arg(journal);
+        if args.flush_before_unmap {
+            command.arg("--flush-before-unmap");
+        }
+        let child = command
             .args(["--seed", &seed.to_string()])
             .args(["--queue-depth", &args.queue_depth.to_string()])
             .stdin(Stdio::null())

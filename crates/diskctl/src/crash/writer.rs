@@ -29,6 +29,10 @@ pub struct WriterArgs {
     /// Most sectors per write or unmap.
     #[arg(long, default_value_t = 256)]
     pub max_sectors: u64,
+    /// Flush before every unmap (a diagnosis: with nothing dirty in the page cache, an
+    /// unmap cut short by the kill has nothing acknowledged to drop).
+    #[arg(long)]
+    pub flush_before_unmap: bool,
     /// Give up (exit with an error) if not killed within this many seconds.
     #[arg(long, default_value_t = 120)]
     pub max_seconds: u64,
@@ -44,6 +48,7 @@ struct Shared<'a> {
     pages_per_worker: u64,
     max_sectors: u64,
     unmap: bool,
+    flush_before_unmap: bool,
     deadline: Instant,
 }
 
@@ -132,6 +137,7 @@ pub fn run(args: &WriterArgs) -> Result<(), String> {
         pages_per_worker,
         max_sectors,
         unmap,
+        flush_before_unmap: args.flush_before_unmap,
         deadline: Instant::now() + Duration::from_secs(args.max_seconds),
     };
     let results = futures::executor::block_on(join_all(
@@ -151,17 +157,18 @@ async fn run_worker(shared: &Shared<'_>, worker: u64, seed: u64) -> Result<(), S
     while Instant::now() < shared.deadline {
         let choice = rng.random_range(0..100u32);
         if choice < 8 {
-            let id = shared.id();
-            shared.record(&Record::FlushStart { id })?;
-            disk.sync_cache()
-                .await
-                .map_err(|e| format!("flush {id} failed: {}", crate::stack::error_chain(&e)))?;
-            shared.record(&Record::FlushDone { id })?;
+            flush(shared).await?;
             continue;
         }
         let (sector, count) = shared.claim(&mut rng);
+        let unmap = choice < 20 && shared.unmap;
+        if unmap && shared.flush_before_unmap {
+            // After the claim: every earlier request on the range was acknowledged before
+            // this flush started.
+            flush(shared).await?;
+        }
         let id = shared.id();
-        if choice < 20 && shared.unmap {
+        if unmap {
             shared.record(&Record::Unmap { id, sector, count })?;
             disk.unmap(sector, count, false)
                 .await
@@ -197,4 +204,16 @@ async fn run_worker(shared: &Shared<'_>, worker: u64, seed: u64) -> Result<(), S
         shared.release(sector);
     }
     Ok(())
+}
+
+/// A flush, journalled.
+async fn flush(shared: &Shared<'_>) -> Result<(), String> {
+    let id = shared.id();
+    shared.record(&Record::FlushStart { id })?;
+    shared
+        .disk
+        .sync_cache()
+        .await
+        .map_err(|e| format!("flush {id} failed: {}", crate::stack::error_chain(&e)))?;
+    shared.record(&Record::FlushDone { id })
 }
