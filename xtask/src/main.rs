@@ -26,6 +26,15 @@ verbs:
   stress [SEEDS]      the conformance model tests and the concurrency consistency tests
                       over SEEDS random seeds (default 200), release build; set
                       DISK_CONFORMANCE_SEED=N to replay one seed
+  crash [ARGS]        crash consistency: a writer on each persistent stack (file,
+                      blockdev on a loop device as root, crypt, write-through layered)
+                      killed with SIGKILL at random moments, every sector checked after
+                      each kill against the writer's journal (release build); ARGS:
+                      --iterations N (default 20; CI runs 10 per stack as a test),
+                      --stacks LIST, --seed N, --min-delay-ms MS, --max-delay-ms MS
+                      (a kill's delay after the writer starts, default 0 to 300),
+                      --size BYTES, --queue-depth N, --dir DIR (default /dev/shm),
+                      --no-keep (drop a failing iteration's files)
   bench [NAME]        criterion benchmarks (all, or the bench target NAME)
   bench blockdevice [ARGS]
                       disk_blockdevice against fio on loop devices it creates (root;
@@ -70,6 +79,7 @@ fn main() -> ExitCode {
         "doc" => doc(),
         "ci" => ci(),
         "stress" => stress(rest),
+        "crash" => crash(rest),
         "bench" => bench(rest),
         "fuzz" => fuzz(rest),
         "guest-test" => guest::guest_test(rest),
@@ -325,6 +335,24 @@ fn stress(args: &[String]) -> Result {
     ]);
     c.env("DISK_CONFORMANCE_SEEDS", seeds);
     run("stress", c)
+}
+
+/// The crash-consistency harness, `diskctl crash run` (docs/testing.md); the short run is
+/// `diskctl`'s test `crash_consistency_short_run`.
+fn crash(args: &[String]) -> Result {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "diskctl",
+        "--",
+        "crash",
+        "run",
+    ]);
+    c.args(args);
+    run("crash", c)
 }
 
 fn bench(args: &[String]) -> Result {

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod crash;
 mod info;
 mod serve;
 mod stack;
@@ -49,6 +50,10 @@ enum Command {
     Kinds,
     /// Serve the stack to a VMM over vhost-user-blk until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Crash-consistency test: kill a writer with SIGKILL, check what survived (`cargo
+    /// xtask crash`; docs/testing.md).
+    #[command(subcommand, hide = true)]
+    Crash(crash::CrashCommand),
 }
 
 #[derive(clap::Args)]
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
         Command::Kinds => stack::resolver()
             .kinds()
             .try_for_each(|(kind, usage)| emit(format!("{kind:<10} {usage}"))),
+        Command::Crash(command) => crash::main(&command),
         Command::Serve(args) => serve::serve(
             &args.vhost_user,
             args.spec.as_deref(),
