@@ -42,6 +42,7 @@
 #![deny(unsafe_code)]
 
 mod backend;
+pub mod inflight;
 mod interrupt;
 mod kick;
 pub mod memory;
