@@ -1077,7 +1077,12 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
     let log_text = export.log_text();
     let stopped = export.stop();
     let mut verdict = verdict.map_err(|e| format!("{e}; export log: {log_text}"))?;
-    if case.restart && !verdict.checks.iter().any(|c| c.starts_with("HOST-CHECK export-restarted ok")) {
+    if case.restart
+        && !verdict
+            .checks
+            .iter()
+            .any(|c| c.starts_with("HOST-CHECK export-restarted ok"))
+    {
         verdict
             .checks
             .push("HOST-CHECK export-restarted FAIL: the guest never asked for it".into());

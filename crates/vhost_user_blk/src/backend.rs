@@ -147,7 +147,16 @@ pub enum RequestError {
 
 impl From<RequestError> for vhost::vhost_user::Error {
     fn from(error: RequestError) -> Self {
-        Self::ReqHandlerError(std::io::Error::other(error))
+        // The `vhost` crate's error shows the handler's error but not its causes: put the
+        // whole chain in the message so that the operator sees why.
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::ReqHandlerError(std::io::Error::other(message))
     }
 }
 
@@ -720,7 +729,11 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     }
 
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        let region = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+        // Room for the largest ring the device allows, not only the size the frontend asks
+        // for: QEMU asks for its `queue-size` (128 by default), but on virtio-mmio it
+        // offers the guest 1024 entries and the ring is what the guest picks.
+        let desc_num = inflight.queue_size.max(self.queue_max_size);
+        let region = InflightRegion::create(inflight.num_queues, desc_num)
             .map_err(RequestError::Inflight)?;
         let file = region
             .file()

@@ -12,8 +12,11 @@
 //!
 //! # Layout (split rings, version 1)
 //!
-//! The region holds one area per queue, each [`queue_area_bytes`] long (the size
-//! libvhost-user uses, so either backend can take over the other's region):
+//! The region holds one area per queue, each [`queue_area_bytes`] long for the area's
+//! `desc_num` (libvhost-user's size; a region libvhost-user made, where `desc_num` is the
+//! frontend's queue size, maps the same way). The backend makes `desc_num` the largest ring
+//! the device allows, which can exceed the queue size the frontend asked for: QEMU asks for
+//! its `queue-size` but offers a virtio-mmio guest 1024 entries.
 //!
 //! | offset | field | |
 //! |---|---|---|
@@ -174,9 +177,10 @@ pub struct InflightRegion {
 }
 
 impl InflightRegion {
-    /// A fresh, zeroed region for `num_queues` rings of `queue_size` entries
+    /// A fresh, zeroed region for `num_queues` rings of up to `queue_size` entries
     /// (`GET_INFLIGHT_FD`), in a memfd sealed against shrinking and growing, so that no one
-    /// can make a mapped page vanish under the backend.
+    /// can make a mapped page vanish under the backend. Each area's header says
+    /// `desc_num = queue_size`, which is how [`map`](Self::map) finds the layout again.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         check_shape(num_queues, queue_size)?;
         let mmap_size = u64::from(num_queues) * queue_area_bytes(queue_size);
@@ -191,7 +195,8 @@ impl InflightRegion {
         {
             use nix::fcntl::{FcntlArg, SealFlag, fcntl};
             let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-            fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| InflightError::Create(e.into()))?;
+            fcntl(&file, FcntlArg::F_ADD_SEALS(seals))
+                .map_err(|e| InflightError::Create(e.into()))?;
         }
         let region = Self::map(file, mmap_size, 0, num_queues, queue_size)?;
         // A new memfd reads as zeros; each area says how many descriptors it tracks, as
@@ -209,6 +214,11 @@ impl InflightRegion {
 
     /// Maps the region the frontend passes with `SET_INFLIGHT_FD`: `mmap_size` bytes at
     /// `mmap_offset` in `file`, for `num_queues` rings of `queue_size` entries.
+    ///
+    /// The areas are laid out for the `desc_num` the first area's header gives, which may be
+    /// larger than `queue_size`: [`create`](Self::create) is asked for the frontend's queue
+    /// size, but a virtio-mmio guest may pick a larger ring (see `VhostUserBlk`). A header
+    /// that says 0 (a region zeroed by its frontend) means `queue_size`.
     pub fn map(
         file: File,
         mmap_size: u64,
@@ -216,25 +226,37 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<Self, InflightError> {
+        use std::os::unix::fs::FileExt;
         check_shape(num_queues, queue_size)?;
-        let area = queue_area_bytes(queue_size);
+        let file_len = file.metadata().map_err(InflightError::Stat)?.len();
+        let past_end = |end: Option<u64>| InflightError::PastEndOfFile {
+            end: end.unwrap_or(u64::MAX),
+            file_len,
+        };
+        let header_end = mmap_offset.checked_add(HEADER_BYTES);
+        if header_end.is_none_or(|end| end > file_len) {
+            return Err(past_end(header_end));
+        }
+        let mut desc_num = [0u8; 2];
+        file.read_exact_at(&mut desc_num, mmap_offset + DESC_NUM_OFFSET)
+            .map_err(InflightError::Stat)?;
+        let desc_num = match u16::from_le_bytes(desc_num) {
+            0 => queue_size,
+            n => n,
+        };
+        check_shape(num_queues, desc_num)?;
+        let area = queue_area_bytes(desc_num);
         let needed = u64::from(num_queues) * area;
         if mmap_size < needed {
             return Err(InflightError::TooSmall {
                 mmap_size,
                 num_queues,
-                queue_size,
+                queue_size: desc_num,
             });
         }
-        let file_len = file.metadata().map_err(InflightError::Stat)?.len();
-        let end = mmap_offset
-            .checked_add(needed)
-            .ok_or(InflightError::PastEndOfFile {
-                end: u64::MAX,
-                file_len,
-            })?;
-        if end > file_len {
-            return Err(InflightError::PastEndOfFile { end, file_len });
+        let end = mmap_offset.checked_add(needed);
+        if end.is_none_or(|end| end > file_len) {
+            return Err(past_end(end));
         }
         // Only what the queues need is mapped. Rounding up to a page cannot reach a whole
         // page past the end of the file (which would fault); the tail of the last page reads
@@ -255,7 +277,7 @@ impl InflightRegion {
                     memory: memory.clone(),
                     index,
                     base: u64::from(index) * area,
-                    desc_num: queue_size,
+                    desc_num,
                     counter: AtomicU64::new(0),
                 })
             })
@@ -263,7 +285,7 @@ impl InflightRegion {
         Ok(Self {
             file,
             mmap_size,
-            queue_size,
+            queue_size: desc_num,
             queues,
         })
     }
@@ -511,8 +533,16 @@ mod tests {
         let mut bytes = vec![0u8; region.mmap_size() as usize];
         region.file().read_exact_at(&mut bytes, 0).unwrap();
         for area in [0, 2112] {
-            assert_eq!(&bytes[area + 10..area + 12], &128u16.to_le_bytes(), "desc_num");
-            assert_eq!(&bytes[area + 8..area + 10], &[0, 0], "version 0 until started");
+            assert_eq!(
+                &bytes[area + 10..area + 12],
+                &128u16.to_le_bytes(),
+                "desc_num"
+            );
+            assert_eq!(
+                &bytes[area + 8..area + 10],
+                &[0, 0],
+                "version 0 until started"
+            );
         }
         let queue = region.queue(1).unwrap();
         assert_eq!(
@@ -523,8 +553,16 @@ mod tests {
             }
         );
         region.file().read_exact_at(&mut bytes, 0).unwrap();
-        assert_eq!(&bytes[2112 + 8..2112 + 10], &1u16.to_le_bytes(), "version 1");
-        assert_eq!(&bytes[2112 + 14..2112 + 16], &7u16.to_le_bytes(), "used_idx");
+        assert_eq!(
+            &bytes[2112 + 8..2112 + 10],
+            &1u16.to_le_bytes(),
+            "version 1"
+        );
+        assert_eq!(
+            &bytes[2112 + 14..2112 + 16],
+            &7u16.to_le_bytes(),
+            "used_idx"
+        );
     }
 
     /// A simulated crash: heads popped, some completed, the backend gone. A new backend over
@@ -546,7 +584,11 @@ mod tests {
             assert!(queue.after_used(head, used));
         }
         let restarted = reopen(&region);
-        let recovery = restarted.queue(0).unwrap().recover(QUEUE_SIZE, used).unwrap();
+        let recovery = restarted
+            .queue(0)
+            .unwrap()
+            .recover(QUEUE_SIZE, used)
+            .unwrap();
         assert_eq!(recovery.resubmit, [7, 2, 4]);
         assert_eq!(
             recovery.state,
@@ -558,7 +600,11 @@ mod tests {
         // New pops are ordered after the resubmitted ones, across another restart.
         let queue = restarted.queue(0).unwrap();
         assert!(queue.popped(0));
-        let again = reopen(&restarted).queue(0).unwrap().recover(QUEUE_SIZE, used).unwrap();
+        let again = reopen(&restarted)
+            .queue(0)
+            .unwrap()
+            .recover(QUEUE_SIZE, used)
+            .unwrap();
         assert_eq!(again.resubmit, [7, 2, 4, 0]);
     }
 
@@ -590,7 +636,10 @@ mod tests {
                 .recover(QUEUE_SIZE, ring_used)
                 .unwrap();
             let expected: &[u16] = if ring_used == 0 { &[6, 3] } else { &[6] };
-            assert_eq!(recovery.resubmit, expected, "crash after step {crash_after}");
+            assert_eq!(
+                recovery.resubmit, expected,
+                "crash after step {crash_after}"
+            );
             assert_eq!(
                 recovery.state.unwrap().next_avail,
                 2,
@@ -634,17 +683,63 @@ mod tests {
             Err(InflightError::Head { head: 7, .. })
         ));
         assert!(matches!(
-            corrupt(|f| f.write_all_at(&u64::MAX.to_le_bytes(), desc(1) + 8).unwrap()),
+            corrupt(|f| f
+                .write_all_at(&u64::MAX.to_le_bytes(), desc(1) + 8)
+                .unwrap()),
             InflightError::Counter { .. }
         ));
         // Garbage in `last_batch_head` with a mismatched used index is not an error: that
         // head was never marked.
         let region = InflightRegion::create(1, QUEUE_SIZE).unwrap();
         region.queue(0).unwrap().recover(QUEUE_SIZE, 0).unwrap();
-        region.file().write_all_at(&0xffffu16.to_le_bytes(), 12).unwrap();
+        region
+            .file()
+            .write_all_at(&0xffffu16.to_le_bytes(), 12)
+            .unwrap();
         assert!(region.queue(0).unwrap().recover(QUEUE_SIZE, 3).is_ok());
         // Heads outside the area are refused by the log, not written.
         assert!(!region.queue(0).unwrap().popped(QUEUE_SIZE));
+    }
+
+    /// QEMU asks for its queue size (128) and hands the region back with the same, but a
+    /// virtio-mmio guest may run a 1024-entry ring: the layout comes from the region's own
+    /// header, so the larger ring is tracked.
+    #[test]
+    fn the_layout_comes_from_the_region_not_the_frontends_queue_size() {
+        let region = InflightRegion::create(2, 1024).unwrap();
+        let mapped = InflightRegion::map(
+            region.file().try_clone().unwrap(),
+            region.mmap_size(),
+            0,
+            2,
+            128,
+        )
+        .unwrap();
+        assert_eq!(mapped.queue_size(), 1024);
+        let queue = mapped.queue(1).unwrap();
+        queue.recover(1024, 0).unwrap();
+        assert!(queue.popped(1000));
+        let again = InflightRegion::map(
+            region.file().try_clone().unwrap(),
+            region.mmap_size(),
+            0,
+            2,
+            128,
+        )
+        .unwrap();
+        assert_eq!(
+            again.queue(1).unwrap().recover(1024, 0).unwrap().resubmit,
+            [1000]
+        );
+        assert!(
+            again
+                .queue(0)
+                .unwrap()
+                .recover(1024, 0)
+                .unwrap()
+                .resubmit
+                .is_empty()
+        );
     }
 
     #[test]

@@ -115,8 +115,14 @@ fn a_restarted_backend_completes_what_its_predecessor_left_in_flight_exactly_onc
         [head_of(1), head_of(2), head_of(4)],
         "the unfinished requests, once each, in the order they were popped, then the new one"
     );
-    assert_eq!(fe.mem.read_plain::<u8>(b_status).expect("status"), blk::S_OK);
-    assert_eq!(fe.mem.read_plain::<u8>(c_status).expect("status"), blk::S_OK);
+    assert_eq!(
+        fe.mem.read_plain::<u8>(b_status).expect("status"),
+        blk::S_OK
+    );
+    assert_eq!(
+        fe.mem.read_plain::<u8>(c_status).expect("status"),
+        blk::S_OK
+    );
     assert!(marked(&region).is_empty(), "nothing is left in flight");
     for (sector, seed) in [(0, 0xa), (8, 0xb), (16, 0xc), (24, 0xd), (32, 0xe)] {
         assert_eq!(

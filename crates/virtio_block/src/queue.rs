@@ -399,7 +399,10 @@ impl SplitQueue {
         self.mem
             .write_plain(self.used_ring + 4 + 8 * slot, &element)
             .map_err(Self::ring_error("used ring"))?;
-        let logged = self.inflight.as_ref().is_none_or(|log| log.before_used(head));
+        let logged = self
+            .inflight
+            .as_ref()
+            .is_none_or(|log| log.before_used(head));
         // The element (and the request's data and status, written before this call) must be
         // visible before the index that publishes them; so must the log's batch head, which
         // recovery trusts once it sees the index moved.
