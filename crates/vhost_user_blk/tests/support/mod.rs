@@ -193,7 +193,7 @@ impl TestFrontend {
                 Frontend::from_stream(ours, queues.max(1)),
             ),
             _stop: std::mem::replace(&mut self.stop, stop),
-            _server: std::mem::replace(&mut self.server, Some(server)),
+            _server: self.server.replace(server),
         }
     }
 
