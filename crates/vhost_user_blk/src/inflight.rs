@@ -46,6 +46,9 @@
 //! references; a region that is too small, a `desc_num` that is not the queue size, a
 //! marked head outside the ring, or an exhausted counter is an error ([`InflightError`])
 //! that keeps the ring stopped, never a panic.
+//! A region the backend creates is a memfd sealed against shrinking; one a frontend made
+//! itself and truncates after handing it over can still fault the backend (`SIGBUS`), as
+//! guest memory can.
 
 use guestmem::{AccessError, BuildError, GuestMemory, PAGE_SIZE64};
 use nix::sys::memfd::{MFdFlags, memfd_create};
