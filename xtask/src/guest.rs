@@ -701,6 +701,9 @@ struct Case {
     /// The guest runs `fio --verify` and, once it has written some data, asks the host to
     /// kill the export with SIGKILL and start it again (see `restart_export`).
     restart: bool,
+    /// A qcow2 image of `DISK_BYTES` the spec writes to: made with `qemu-img create` before
+    /// the export starts, and checked with `qemu-img check` after it stops.
+    qcow2: Option<PathBuf>,
 }
 
 impl Case {
@@ -744,6 +747,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 untouched: None,
                 pinned: false,
                 restart: false,
+                qcow2: None,
             })
             .collect());
     }
@@ -761,6 +765,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
         img("stripe-b"),
     );
     let qemu_file = img("qemu-file");
+    let (overlay, qcow2_base) = (dir.join("overlay.qcow2"), img("qcow2-base"));
     let fixed = img("blockdev-fixed");
     let qemu_fixed = img("qemu-blockdev-fixed");
     let (restart_a, restart_b) = (img("qemu-restart-a"), img("qemu-restart-b"));
@@ -782,6 +787,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: false,
+            qcow2: None,
         },
         Case {
             frontend: Frontend::Uml,
@@ -796,6 +802,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: false,
+            qcow2: None,
         },
         Case {
             frontend: Frontend::Uml,
@@ -814,6 +821,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: false,
+            qcow2: None,
         },
         Case {
             frontend: Frontend::Uml,
@@ -827,6 +835,29 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide::default(),
             untouched: Some(base),
             pinned: false,
+            restart: false,
+            qcow2: None,
+        },
+        // A persistent qcow2 overlay over a read-only raw base: the guest's writes land in
+        // the overlay (copy-on-write of partial clusters from the base), which QEMU's own
+        // checker must find consistent afterwards.
+        Case {
+            frontend: Frontend::Uml,
+            name: "qcow2-over-file",
+            kind,
+            spec: format!(
+                "layered(qcow2({}), file:{}:ro)",
+                overlay.display(),
+                qcow2_base.display()
+            ),
+            images: vec![(qcow2_base.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide::default(),
+            untouched: Some(qcow2_base),
+            pinned: false,
+            qcow2: Some(overlay),
             restart: false,
         },
         Case {
@@ -847,6 +878,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: false,
+            qcow2: None,
         },
         // io_uring with the guest's memory registered as fixed buffers: UML's memory is a
         // file on tmpfs, which the kernel pins for long.
@@ -867,6 +899,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: true,
             restart: false,
+            qcow2: None,
         },
         // A second, independent frontend: QEMU (microvm, virtio-mmio) with Debian's kernel.
         Case {
@@ -886,6 +919,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: false,
+            qcow2: None,
         },
         // The same through QEMU, whose memory is a memfd and which resets the device before
         // every start: the registration is replaced through the update path.
@@ -906,6 +940,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: true,
             restart: false,
+            qcow2: None,
         },
         // The export killed with SIGKILL in the middle of the guest's fio and started again:
         // QEMU reconnects and hands over the inflight region, the new export resubmits what
@@ -935,6 +970,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: None,
             pinned: false,
             restart: true,
+            qcow2: None,
         },
     ])
 }
@@ -1031,6 +1067,13 @@ impl PinSampler {
 
 fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
     create_images(&case.images)?;
+    if let Some(image) = &case.qcow2 {
+        qemu_img(
+            &["create", "-q", "-f", "qcow2"],
+            image,
+            &[&DISK_BYTES.to_string()],
+        )?;
+    }
     let socket = dir.join(format!("{}.sock", case.name));
     let log = dir.join(format!("{}.log", case.name));
     let export = match case.kind {
@@ -1133,6 +1176,14 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
         });
         verdict.passed &= result.is_ok();
     }
+    if let Some(image) = &case.qcow2 {
+        let result = qemu_img(&["check", "-q", "-f", "qcow2"], image, &[]);
+        verdict.checks.push(match &result {
+            Ok(()) => "HOST-CHECK qemu-img-check ok".into(),
+            Err(e) => format!("HOST-CHECK qemu-img-check FAIL: {e}"),
+        });
+        verdict.passed &= result.is_ok();
+    }
     if !verdict.passed {
         verdict.checks.push(format!("export log: {log_text}"));
     }
@@ -1201,13 +1252,33 @@ fn count_marked(file: &std::fs::File) -> Result<usize> {
     Ok(marked)
 }
 
+/// Runs `qemu-img ARGS IMAGE REST`; its output becomes the error if it fails.
+fn qemu_img(args: &[&str], image: &Path, rest: &[&str]) -> Result {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .arg(image)
+        .args(rest)
+        .output()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img {} {} failed: {}{}",
+            args.join(" "),
+            image.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Runs the guest checks against each stack, printing every check.
 pub fn guest_test(args: &[String]) -> Result {
-    let usage = "usage: cargo xtask guest-test [--export diskctl|qsd] [--frontend uml|qemu|all] \
-                 [--case NAME]";
+    let usage = "usage: cargo xtask guest-test [--export diskctl|qsd] [--frontend uml|qemu|all] [--case NAME]";
     let mut kind = ExportKind::Diskctl;
-    let mut only: Option<String> = None;
     let mut frontends: Option<Vec<Frontend>> = None;
+    let mut only: Option<String> = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         match (flag.as_str(), it.next().map(String::as_str)) {
@@ -1235,13 +1306,20 @@ pub fn guest_test(args: &[String]) -> Result {
         .map(|&frontend| Ok((frontend, Guest::new(frontend, &dir)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut failures = Vec::new();
-    for case in cases(kind, &dir)? {
-        let Some((_, guest)) = guests.iter().find(|(f, _)| *f == case.frontend) else {
-            continue;
-        };
+    let cases = cases(kind, &dir)?;
+    if let Some(name) = &only
+        && !cases.iter().any(|c| c.name == name)
+    {
+        let names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+        return Err(format!("no case `{name}`; cases: {}", names.join(", ")));
+    }
+    for case in cases {
         if only.as_ref().is_some_and(|name| name != case.name) {
             continue;
         }
+        let Some((_, guest)) = guests.iter().find(|(f, _)| *f == case.frontend) else {
+            continue;
+        };
         let started = Instant::now();
         match run_case(&case, guest, diskctl.as_deref(), &dir) {
             Ok(verdict) => {
@@ -1265,6 +1343,9 @@ pub fn guest_test(args: &[String]) -> Result {
         }
         for (path, _) in &case.images {
             let _ = std::fs::remove_file(path);
+        }
+        if let Some(image) = &case.qcow2 {
+            let _ = std::fs::remove_file(image);
         }
     }
     if failures.is_empty() {

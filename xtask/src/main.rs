@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_qcow2;
 mod guest;
 
 use std::process::{Command, ExitCode};
@@ -31,6 +32,12 @@ verbs:
                       installs fio if missing); ARGS: --runtime SECS, --reps N,
                       --size-mib MIB, --only shm|disk, --engine TEXT, --workload
                       TEXT, --pin CPU
+  bench qcow2 [--rounds N]
+                      our qcow2 layer (diskctl bench on qcow2(IMAGE, direct)) against
+                      qemu-img bench -t none -i io_uring on the same 1 GiB images in
+                      /dev/shm, and against the raw file: allocated 4k reads QD1/QD32,
+                      allocating 4k writes QD32, 1M sequential writes QD4; alternated
+                      rounds (default 3), medians and ratios
   bench guest [--runtime SECS] [--rounds N] [--spec SPEC] [--qsd-iothread]
                       the same User-Mode Linux guest and fio jobs against
                       qemu-storage-daemon and diskctl serve on one backing file in
@@ -40,11 +47,12 @@ verbs:
   fuzz [TARGET [SECS]]
                       list the fuzz targets, or fuzz TARGET for SECS seconds (default
                       300) with cargo-fuzz on the nightly toolchain
-  guest-test [--export diskctl|qsd]
-                      boot a real Linux guest (User-Mode Linux) against a vhost-user-blk
-                      export and check the disk from inside (installs the Debian packages
-                      it needs when root): diskctl serve on several stacks (default),
-                      or qemu-storage-daemon, the reference
+  guest-test [--export diskctl|qsd] [--frontend uml|qemu|all] [--case NAME]
+                      boot real Linux guests (User-Mode Linux, a QEMU microvm) against a
+                      vhost-user-blk export and check the disk from inside (installs the
+                      Debian packages it needs when root): diskctl serve on several stacks
+                      (default; a qcow2 overlay is checked with qemu-img check after),
+                      or qemu-storage-daemon, the reference; --case runs one stack
   run [ARGS]          the main job: diskctl bench on a built-in default
   help                this text
 ";
@@ -323,6 +331,7 @@ fn bench(args: &[String]) -> Result {
     match args {
         [name, rest @ ..] if name == "blockdevice" => return bench_blockdevice(rest),
         [name, rest @ ..] if name == "guest" => return guest::bench_guest(rest),
+        [name, rest @ ..] if name == "qcow2" => return bench_qcow2::bench_qcow2(rest),
         _ => {}
     }
     let mut c = cargo();

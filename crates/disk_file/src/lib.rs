@@ -30,7 +30,7 @@
 //!   write. The page cache does not promise that (it copies a page while another copy into
 //!   it runs: on ext4 here, 5% of 64 KiB reads racing writes came back with a torn sector),
 //!   so overlapping requests are ordered by a
-//!   [`RangeLock`](disk_backend::range_lock::RangeLock): one uncontended mutex per request;
+//!   [`RangeLock`]: one uncontended mutex per request;
 //!   requests on disjoint ranges never wait for each other.
 //!
 //! Linux only (it relies on `pwritev2` and `fallocate`).

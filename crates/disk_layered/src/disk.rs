@@ -88,6 +88,46 @@ struct Layer {
     read_cache: bool,
 }
 
+/// The layers below one layer of a [`LayeredDisk`], as that layer's
+/// [`write_cow`](crate::LayerIo::write_cow) sees them: reads return what the stack below
+/// the layer holds, and zeros where no layer below holds a sector.
+pub struct LowerLayers<'a> {
+    disk: &'a LayeredDisk,
+    /// The first layer below the writing one.
+    first: usize,
+}
+
+impl std::fmt::Debug for LowerLayers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LowerLayers")
+            .field("first", &self.first)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LowerLayers<'_> {
+    /// Reads whole sectors at `sector` from the layers below into `buffers`, zero-filling
+    /// what none of them holds. Sectors past the disk's end read as zeros.
+    pub async fn read(&self, buffers: &RequestBuffers<'_>, sector: u64) -> Result<(), DiskError> {
+        let sector_size = self.disk.sector_size as usize;
+        if !buffers.len().is_multiple_of(sector_size) {
+            return Err(DiskError::InvalidInput);
+        }
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        if sector.checked_add(self.disk.sectors_of(buffers)).is_none() {
+            return Err(DiskError::IllegalBlock);
+        }
+        self.disk.read_layers(self.first, buffers, sector).await
+    }
+
+    /// Whether there is no layer below (reads are all zeros).
+    pub fn is_empty(&self) -> bool {
+        self.first >= self.disk.layers.len()
+    }
+}
+
 /// A disk made of layers, listed top first.
 ///
 /// - A read asks each layer in turn for the sectors still missing; what no layer supplies
@@ -128,8 +168,6 @@ pub struct LayeredDisk {
     is_fua_respected: bool,
     unmap_behavior: UnmapBehavior,
     optimal_unmap_sectors: u32,
-    /// The highest read-cache layer, if any.
-    first_read_cache: Option<usize>,
     /// Writes and unmaps hold their range exclusively: the write path has several layers,
     /// which must see overlapping requests in one order.
     lock_writes: bool,
@@ -264,7 +302,6 @@ impl LayeredDisk {
                 .max()
                 .unwrap_or(1),
             unmap_behavior,
-            first_read_cache: layers.iter().position(|l| l.read_cache),
             lock_writes,
             lock_reads,
             ranges: RangeLock::new(),
@@ -289,6 +326,67 @@ impl LayeredDisk {
 
     fn bytes(&self, sectors: u64) -> usize {
         (sectors << self.sector_shift) as usize
+    }
+
+    /// Reads `buffers` at `sector` from the layers `first..` (zeros where none of them holds
+    /// a sector): the whole stack for an ordinary read (`first == 0`: the range is checked and,
+    /// where reads must, held), the stack below a layer for its copy-on-write
+    /// ([`LowerLayers`]). A copy-on-write takes no range: it runs inside a write that holds
+    /// its own, and taking a neighbour's there could deadlock two writes that each need the
+    /// other's.
+    async fn read_layers(
+        &self,
+        first: usize,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+    ) -> Result<(), DiskError> {
+        let whole_stack = first == 0;
+        if whole_stack {
+            check_range(self, sector, buffers.len())?;
+        }
+        let count = self.sectors_of(buffers);
+        if count == 0 {
+            return Ok(());
+        }
+        let _range = match self.lock_reads && whole_stack {
+            true => Some(
+                self.ranges
+                    .lock(sector..sector + count, Access::Shared)
+                    .await,
+            ),
+            false => None,
+        };
+        let mut present = SectorBitmap::new(count);
+        // Layers down to the first read cache read straight into the caller's buffers.
+        let first_cache = self.layers[first..]
+            .iter()
+            .position(|l| l.read_cache)
+            .map(|i| first + i);
+        let upper_end = first_cache.map_or(self.layers.len(), |c| c + 1);
+        let mut visible = sector + count;
+        for index in first..upper_end {
+            match self
+                .read_layer(index, buffers, sector, &mut present, visible)
+                .await?
+            {
+                Some(v) if !present.is_full() => visible = v,
+                _ => break,
+            }
+            if index + 1 == upper_end && index < self.layers.len() - 1 {
+                // Missed a read cache: the rest is read, and the caches filled, through
+                // memory of our own. Boxed, as the miss path is rare and needs a buffer.
+                Box::pin(self.read_below_cache(buffers, sector, &mut present, visible, index))
+                    .await?;
+            }
+        }
+
+        for run in present.clear_runs(0..count) {
+            buffers
+                .subrange(self.bytes(run.start), self.bytes(run.end - run.start))
+                .writer()
+                .zero(self.bytes(run.end - run.start))?;
+        }
+        Ok(())
     }
 
     /// Asks layer `index` for the sectors of `present` still missing below `visible`,
@@ -409,51 +507,14 @@ impl DiskIo for LayeredDisk {
         self.read_only
     }
 
-    async fn read_vectored(
+    fn read_vectored(
         &self,
         buffers: &RequestBuffers<'_>,
         sector: u64,
-    ) -> Result<(), DiskError> {
-        check_range(self, sector, buffers.len())?;
-        let count = self.sectors_of(buffers);
-        if count == 0 {
-            return Ok(());
-        }
-        let _range = match self.lock_reads {
-            true => Some(
-                self.ranges
-                    .lock(sector..sector + count, Access::Shared)
-                    .await,
-            ),
-            false => None,
-        };
-        let mut present = SectorBitmap::new(count);
-        // Layers down to the first read cache read straight into the caller's buffers.
-        let upper_end = self.first_read_cache.map_or(self.layers.len(), |c| c + 1);
-        let mut visible = sector + count;
-        for index in 0..upper_end {
-            match self
-                .read_layer(index, buffers, sector, &mut present, visible)
-                .await?
-            {
-                Some(v) if !present.is_full() => visible = v,
-                _ => break,
-            }
-            if index + 1 == upper_end && index < self.layers.len() - 1 {
-                // Missed a read cache: the rest is read, and the caches filled, through
-                // memory of our own. Boxed, as the miss path is rare and needs a buffer.
-                Box::pin(self.read_below_cache(buffers, sector, &mut present, visible, index))
-                    .await?;
-            }
-        }
-
-        for run in present.clear_runs(0..count) {
-            buffers
-                .subrange(self.bytes(run.start), self.bytes(run.end - run.start))
-                .writer()
-                .zero(self.bytes(run.end - run.start))?;
-        }
-        Ok(())
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        // One state machine for the whole read (not a future awaiting another), so that it
+        // fits `Disk`'s inline storage.
+        self.read_layers(0, buffers, sector)
     }
 
     async fn write_vectored(
@@ -478,8 +539,17 @@ impl DiskIo for LayeredDisk {
             ),
             false => None,
         };
-        for layer in self.layers[..self.write_path_len].iter().rev() {
-            layer.io.write(buffers, sector, fua).await?;
+        for index in (0..self.write_path_len).rev() {
+            // A layer whose allocation unit is larger than the write (a qcow2 cluster) takes
+            // the rest of the unit from the layers below it: see `LayerIo::write_cow`.
+            let below = LowerLayers {
+                disk: self,
+                first: index + 1,
+            };
+            self.layers[index]
+                .io
+                .write_cow(buffers, sector, fua, &below)
+                .await?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! The layer trait, attachment to the layer below, and type-erased layers.
 
-use crate::SectorMarker;
+use crate::{LowerLayers, SectorMarker};
 use disk_backend::{DiskError, UnmapBehavior};
 use request_buffers::{GuestMemory, RequestBuffers};
 use stackfuture::StackFuture;
@@ -67,6 +67,22 @@ pub trait LayerIo: 'static + Send + Sync {
         sector: u64,
         fua: bool,
     ) -> impl Future<Output = Result<(), DiskError>> + Send;
+
+    /// Writes whole sectors from `buffers` at `sector`, with `below` to read the layers
+    /// beneath this one: what [`LayeredDisk`](crate::LayeredDisk) calls. A layer whose
+    /// allocation unit is larger than a sector (a qcow2 cluster) implements it to fill the
+    /// rest of a unit a write allocates from `below` (copy-on-write), as QEMU does with a
+    /// backing file. The default ignores `below` and calls [`write`](Self::write).
+    fn write_cow(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+        below: &LowerLayers<'_>,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        let _ = below;
+        self.write(buffers, sector, fua)
+    }
 
     /// Unmaps `count` sectors at `sector`. `next_is_zero` says the layers below read as zeros
     /// over the range, so the layer may simply drop the sectors rather than store zeros.
@@ -208,6 +224,15 @@ impl<T: LayerIo> LayerIo for Arc<T> {
     ) -> impl Future<Output = Result<(), DiskError>> + Send {
         (**self).write(buffers, sector, fua)
     }
+    fn write_cow(
+        &self,
+        buffers: &RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+        below: &LowerLayers<'_>,
+    ) -> impl Future<Output = Result<(), DiskError>> + Send {
+        (**self).write_cow(buffers, sector, fua, below)
+    }
     fn unmap(
         &self,
         sector: u64,
@@ -260,11 +285,12 @@ pub(crate) trait DynLayer: Send + Sync {
         sector: u64,
         marker: SectorMarker<'a>,
     ) -> LayerFuture<'a>;
-    fn write<'a>(
+    fn write_cow<'a>(
         &'a self,
         buffers: &'a RequestBuffers<'a>,
         sector: u64,
         fua: bool,
+        below: &'a LowerLayers<'a>,
     ) -> LayerFuture<'a>;
     fn write_no_overwrite<'a>(
         &'a self,
@@ -327,13 +353,14 @@ impl<T: LayerIo> DynLayer for T {
     ) -> LayerFuture<'a> {
         StackFuture::from_or_box(LayerIo::read(self, buffers, sector, marker))
     }
-    fn write<'a>(
+    fn write_cow<'a>(
         &'a self,
         buffers: &'a RequestBuffers<'a>,
         sector: u64,
         fua: bool,
+        below: &'a LowerLayers<'a>,
     ) -> LayerFuture<'a> {
-        StackFuture::from_or_box(LayerIo::write(self, buffers, sector, fua))
+        StackFuture::from_or_box(LayerIo::write_cow(self, buffers, sector, fua, below))
     }
     fn write_no_overwrite<'a>(
         &'a self,

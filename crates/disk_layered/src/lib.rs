@@ -4,7 +4,10 @@
 //! top first. A read asks each layer in turn for the sectors still missing, and each layer
 //! marks what it supplied in a [`SectorMarker`]; what no layer holds reads as zeros. Writes go
 //! to the top layer, and on down through layers configured `write_through`. A layer
-//! configured `read_cache` is filled from what the layers below it return.
+//! configured `read_cache` is filled from what the layers below it return. A layer whose
+//! allocation unit is larger than a sector (a qcow2 cluster) gets a reader of the layers
+//! below it with each write ([`LayerIo::write_cow`], [`LowerLayers`]) to copy the rest of a
+//! unit it allocates.
 //!
 //! Typical stacks: a RAM layer over a read-only base image (a throw-away overlay), a RAM
 //! read cache over a slow disk, a differencing layer over a shared parent. Layers come from
@@ -48,7 +51,7 @@ mod layer;
 mod marker;
 mod resolve;
 
-pub use disk::{InvalidLayeredDisk, LayerConfiguration, LayeredDisk};
+pub use disk::{InvalidLayeredDisk, LayerConfiguration, LayeredDisk, LowerLayers};
 pub use disk_layer::DiskAsLayer;
 pub use layer::{
     DiskLayer, LayerAttach, LayerIo, LowerLayerMetadata, NoWriteNoOverwrite, WriteNoOverwrite,

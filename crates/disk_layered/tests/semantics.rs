@@ -389,3 +389,113 @@ fn register_memory_reaches_every_layer() {
     ));
     assert!(probes.iter().all(|probe| probe.calls() == 2));
 }
+
+/// A RAM layer that, on each write, records what the stack below it holds around the write
+/// (through `write_cow`'s reader), as a copy-on-write layer would read it.
+struct CowProbe {
+    ram: RamLayer,
+    seen: parking_lot::Mutex<Vec<(bool, Vec<u8>)>>,
+}
+
+impl LayerIo for CowProbe {
+    fn layer_type(&self) -> &str {
+        "cow-probe"
+    }
+    fn sector_count(&self) -> u64 {
+        self.ram.sector_count()
+    }
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn disk_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+    fn physical_sector_size(&self) -> u32 {
+        512
+    }
+    fn is_fua_respected(&self) -> bool {
+        true
+    }
+    fn is_logically_read_only(&self) -> bool {
+        false
+    }
+    async fn sync_cache(&self) -> Result<(), DiskError> {
+        Ok(())
+    }
+    async fn read(
+        &self,
+        buffers: &request_buffers::RequestBuffers<'_>,
+        sector: u64,
+        marker: disk_layered::SectorMarker<'_>,
+    ) -> Result<(), DiskError> {
+        self.ram.read(buffers, sector, marker).await
+    }
+    async fn write(
+        &self,
+        _: &request_buffers::RequestBuffers<'_>,
+        _: u64,
+        _: bool,
+    ) -> Result<(), DiskError> {
+        panic!("LayeredDisk writes through write_cow");
+    }
+    async fn write_cow(
+        &self,
+        buffers: &request_buffers::RequestBuffers<'_>,
+        sector: u64,
+        fua: bool,
+        below: &disk_layered::LowerLayers<'_>,
+    ) -> Result<(), DiskError> {
+        let around = OwnedRequestBuffers::new(12 * 512);
+        below.read(&around.buffers(true), 0).await?;
+        let first: Vec<u8> = around.to_vec().chunks(512).map(|s| s[0]).collect();
+        self.seen.lock().push((below.is_empty(), first));
+        assert!(matches!(
+            below.read(&around.buffers(true), u64::MAX).await,
+            Err(DiskError::IllegalBlock)
+        ));
+        self.ram.write(buffers, sector, fua).await
+    }
+    async fn unmap(&self, s: u64, c: u64, b: bool, z: bool) -> Result<(), DiskError> {
+        self.ram.unmap(s, c, b, z).await
+    }
+    fn unmap_behavior(&self) -> UnmapBehavior {
+        UnmapBehavior::Zeroes
+    }
+}
+
+#[test]
+fn write_cow_reads_the_stack_below_the_writing_layer() {
+    let cow = Arc::new(CowProbe {
+        ram: RamLayer::new(16, 512).unwrap(),
+        seen: Default::default(),
+    });
+    let middle = RamLayer::new(16, 512).unwrap();
+    fill(&middle, 3, 1, 5);
+    let bottom = RamDisk::new(8, 512).unwrap();
+    let data = OwnedRequestBuffers::from_slice(&[7; 8 * 512]);
+    block_on(bottom.write_vectored(&data.buffers(false), 0, false)).unwrap();
+    let bottom = Disk::new(bottom.with_read_only(true)).unwrap();
+    let disk = LayeredDisk::new(
+        false,
+        vec![
+            cfg(cow.clone(), false, false),
+            cfg(middle, false, false),
+            cfg(DiskAsLayer::new(bottom), false, false),
+        ],
+    )
+    .unwrap();
+    let one = OwnedRequestBuffers::from_slice(&[9; 512]);
+    block_on(disk.write_vectored(&one.buffers(false), 2, false)).unwrap();
+    // The middle layer's sector 3, the bottom's 7s, zeros past the bottom's end; not the
+    // writing layer's own data.
+    assert_eq!(
+        cow.seen.lock().pop().unwrap(),
+        (false, vec![7, 7, 7, 5, 7, 7, 7, 7, 0, 0, 0, 0])
+    );
+    assert_eq!(read_bytes(&disk, 2, 2), vec![9, 5]);
+
+    // At the bottom there is nothing below: zeros.
+    let alone = LayeredDisk::new(false, vec![cfg(cow.clone(), false, false)]).unwrap();
+    block_on(alone.write_vectored(&one.buffers(false), 0, false)).unwrap();
+    assert_eq!(cow.seen.lock().pop().unwrap(), (true, vec![0; 12]));
+}

@@ -1,70 +1,13 @@
 //! The RAM layer: a sparse map from sectors to data or known-zero runs.
 
 use crate::RamDiskError;
+use crate::store::Store;
 use disk_backend::{DiskError, UnmapBehavior};
 use disk_layered::{LayerAttach, LayerIo, LowerLayerMetadata, SectorMarker, WriteNoOverwrite};
 use event_listener::Event;
 use parking_lot::RwLock;
-use request_buffers::{MemoryRead, MemoryWrite, RequestBuffers};
-use std::collections::BTreeMap;
+use request_buffers::RequestBuffers;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// What the layer holds at a sector.
-#[derive(Debug)]
-enum Entry {
-    /// One sector of data.
-    Data(Box<[u8]>),
-    /// `len` sectors this layer knows are zero (the result of an unmap over a lower layer
-    /// that is not zero). One entry however long the run, so unmapping a huge range costs
-    /// no memory.
-    Zero { len: u64 },
-}
-
-impl Entry {
-    fn len(&self) -> u64 {
-        match self {
-            Entry::Data(_) => 1,
-            Entry::Zero { len } => *len,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    sector_count: u64,
-    /// Non-overlapping entries keyed by first sector; unlisted sectors are not held.
-    entries: BTreeMap<u64, Entry>,
-    data_sectors: u64,
-}
-
-impl State {
-    /// Splits a zero run that straddles `at`, so that every entry lies entirely on one side.
-    fn split_at(&mut self, at: u64) {
-        if let Some((&start, Entry::Zero { len })) = self.entries.range_mut(..at).next_back() {
-            let end = start + *len;
-            if end > at {
-                *len = at - start;
-                self.entries.insert(at, Entry::Zero { len: end - at });
-            }
-        }
-    }
-
-    /// Removes every entry in `start..end` (after `split_at` on both ends).
-    fn remove_range(&mut self, start: u64, end: u64) {
-        while let Some((&key, _)) = self.entries.range(start..end).next() {
-            if let Some(Entry::Data(_)) = self.entries.remove(&key) {
-                self.data_sectors -= 1;
-            }
-        }
-    }
-
-    fn check(&self, sector: u64, count: u64) -> Result<u64, DiskError> {
-        match sector.checked_add(count) {
-            Some(end) if end <= self.sector_count => Ok(end),
-            _ => Err(DiskError::IllegalBlock),
-        }
-    }
-}
 
 /// A sparse in-memory layer. See the [crate documentation](crate).
 #[derive(Debug)]
@@ -74,7 +17,7 @@ pub struct RamLayer {
     disk_id: Option<[u8; 16]>,
     /// Mirrors `State::sector_count` for lock-free reads; written under the state lock.
     sector_count: AtomicU64,
-    state: RwLock<State>,
+    state: RwLock<Store>,
     resized: Event,
 }
 
@@ -100,11 +43,7 @@ impl RamLayer {
             sector_shift: sector_size.trailing_zeros(),
             disk_id: None,
             sector_count: AtomicU64::new(sector_count),
-            state: RwLock::new(State {
-                sector_count,
-                entries: BTreeMap::new(),
-                data_sectors: 0,
-            }),
+            state: RwLock::new(Store::new(sector_count, sector_size)),
             resized: Event::new(),
         })
     }
@@ -126,35 +65,17 @@ impl RamLayer {
     pub fn resize(&self, sector_count: u64) -> Result<(), RamDiskError> {
         check_geometry(sector_count, self.sector_size)?;
         let mut state = self.state.write();
-        state.split_at(sector_count);
-        while let Some((&key, _)) = state.entries.last_key_value() {
-            if key < sector_count {
-                break;
-            }
-            if let Some((_, Entry::Data(_))) = state.entries.pop_last() {
-                state.data_sectors -= 1;
-            }
-        }
-        state.sector_count = sector_count;
+        state.resize(sector_count);
         self.sector_count.store(sector_count, Ordering::Release);
         drop(state);
         self.resized.notify(usize::MAX);
         Ok(())
     }
 
-    /// Bytes of sector data held (known-zero runs cost nothing).
+    /// Bytes of sector data held (known-zero runs cost nothing). Memory is taken in chunks
+    /// of 32 KiB, so a layer with scattered single sectors uses more than this.
     pub fn allocated_bytes(&self) -> u64 {
-        self.state.read().data_sectors << self.sector_shift
-    }
-
-    fn bytes(&self, sectors: u64) -> usize {
-        (sectors << self.sector_shift) as usize
-    }
-
-    fn new_sector(&self, reader: &mut impl MemoryRead) -> Result<Box<[u8]>, DiskError> {
-        let mut data = vec![0; self.sector_size as usize].into_boxed_slice();
-        reader.read(&mut data)?;
-        Ok(data)
+        self.state.read().data_sectors() << self.sector_shift
     }
 }
 
@@ -226,36 +147,12 @@ impl LayerIo for RamLayer {
     ) -> Result<(), DiskError> {
         let state = self.state.read();
         let end = state.check(sector, (buffers.len() >> self.sector_shift) as u64)?;
-        // One descent of the tree: walk back from the last entry starting before the end of
-        // the request until one ends before its start. Entries do not overlap, so every
-        // earlier one does too. (A layer that holds nothing here costs one lookup.)
-        for (&start, entry) in state.entries.range(..end).rev() {
-            let entry_end = start + entry.len();
-            if entry_end <= sector {
-                break;
-            }
-            let first = start.max(sector);
-            let last = entry_end.min(end);
-            let mut writer = buffers
-                .subrange(self.bytes(first - sector), self.bytes(last - first))
-                .writer();
-            match entry {
-                Entry::Data(data) => writer.write(data)?,
-                Entry::Zero { .. } => writer.zero(self.bytes(last - first))?,
-            }
-            marker.set_range(first..last);
-        }
-        Ok(())
+        state.read(buffers, sector, end, |held| marker.set_range(held))
     }
 
     fn may_hold(&self, sector: u64, count: u64) -> bool {
         let end = sector.saturating_add(count);
-        let state = self.state.read();
-        state
-            .entries
-            .range(..end)
-            .next_back()
-            .is_some_and(|(&start, entry)| start + entry.len() > sector)
+        self.state.read().holds_any(sector, end)
     }
 
     async fn write(
@@ -268,31 +165,7 @@ impl LayerIo for RamLayer {
         buffers.validate()?;
         let mut state = self.state.write();
         let end = state.check(sector, (buffers.len() >> self.sector_shift) as u64)?;
-        state.split_at(sector);
-        state.split_at(end);
-        let mut reader = buffers.reader();
-        for s in sector..end {
-            match state.entries.get_mut(&s) {
-                Some(Entry::Data(data)) => {
-                    reader.read(data)?;
-                }
-                Some(Entry::Zero { len }) => {
-                    let rest = *len - 1;
-                    let data = self.new_sector(&mut reader)?;
-                    state.entries.insert(s, Entry::Data(data));
-                    state.data_sectors += 1;
-                    if rest > 0 {
-                        state.entries.insert(s + 1, Entry::Zero { len: rest });
-                    }
-                }
-                None => {
-                    let data = self.new_sector(&mut reader)?;
-                    state.entries.insert(s, Entry::Data(data));
-                    state.data_sectors += 1;
-                }
-            }
-        }
-        Ok(())
+        state.write(buffers, sector, end, true)
     }
 
     async fn unmap(
@@ -307,14 +180,9 @@ impl LayerIo for RamLayer {
         if count == 0 {
             return Ok(());
         }
-        state.split_at(sector);
-        state.split_at(end);
-        state.remove_range(sector, end);
         // Dropping the sectors would expose the layer below; if that is not zero, hold the
-        // range as a zero run instead.
-        if !next_is_zero {
-            state.entries.insert(sector, Entry::Zero { len: count });
-        }
+        // range as known zeros instead.
+        state.unmap(sector, end, !next_is_zero);
         Ok(())
     }
 
@@ -347,31 +215,7 @@ impl WriteNoOverwrite for &RamLayer {
         buffers.validate()?;
         let mut state = self.state.write();
         let end = state.check(sector, (buffers.len() >> self.sector_shift) as u64)?;
-        let mut cursor = sector;
-        while cursor < end {
-            // Skip what the layer holds at the cursor.
-            if let Some((&start, entry)) = state.entries.range(..=cursor).next_back()
-                && start + entry.len() > cursor
-            {
-                cursor = start + entry.len();
-                continue;
-            }
-            let gap_end = state
-                .entries
-                .range(cursor..end)
-                .next()
-                .map_or(end, |(&start, _)| start);
-            let mut reader = buffers
-                .subrange(self.bytes(cursor - sector), self.bytes(gap_end - cursor))
-                .reader();
-            for s in cursor..gap_end {
-                let data = self.new_sector(&mut reader)?;
-                state.entries.insert(s, Entry::Data(data));
-                state.data_sectors += 1;
-            }
-            cursor = gap_end;
-        }
-        Ok(())
+        state.write(buffers, sector, end, false)
     }
 }
 
@@ -414,15 +258,16 @@ mod tests {
         let (ram, disk) = overlay();
         // Unmap (almost) the whole terabyte-scale layer: one entry, no data.
         block_on(disk.unmap(2, (1 << 30) - 4, false)).unwrap();
-        assert_eq!(ram.state.read().entries.len(), 1);
+        assert_eq!(ram.state.read().entry_count(), 1);
         assert_eq!(ram.allocated_bytes(), 0);
         let got = read(&disk, 0, 8);
         assert!(got[..1024].iter().all(|&b| b == 0xbb));
         assert!(got[1024..].iter().all(|&b| b == 0));
-        // Writing into the middle of the run splits it.
+        // Writing into the run makes a chunk of the run's first sectors (known zero but
+        // for the one written) and leaves the rest of the run whole.
         let data = OwnedRequestBuffers::from_slice(&[1; 512]);
         block_on(disk.write_vectored(&data.buffers(false), 5, false)).unwrap();
-        assert_eq!(ram.state.read().entries.len(), 3);
+        assert_eq!(ram.state.read().entry_count(), 2);
         let got = read(&disk, 4, 3);
         assert_eq!(&got[..512], &[0; 512]);
         assert_eq!(&got[512..1024], &[1; 512]);

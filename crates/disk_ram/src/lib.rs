@@ -29,6 +29,7 @@
 
 mod layer;
 mod resolve;
+mod store;
 
 pub use layer::{RamLayer, RamLayerConfig};
 pub use resolve::{DEFAULT_RAM_DISK_BYTES, RamResolver};

@@ -33,6 +33,76 @@ pub struct Info {
     pub persistent_reservations: bool,
     /// The disk id in hex, if any.
     pub disk_id: Option<String>,
+    /// What the headers of the stack's qcow2 images say.
+    pub qcow2_images: Vec<Qcow2Image>,
+}
+
+/// The header of one qcow2 image in the stack.
+#[derive(Serialize)]
+pub struct Qcow2Image {
+    /// The path in the spec.
+    pub path: String,
+    /// qcow2 version (2 or 3), or `None` if the header could not be read.
+    pub version: Option<u32>,
+    /// Cluster size in bytes.
+    pub cluster_size: Option<u64>,
+    /// The backing file the header names: reported, never opened (the layers below come
+    /// from the spec).
+    pub backing_file: Option<String>,
+    /// Why the header could not be read.
+    pub error: Option<String>,
+}
+
+impl Qcow2Image {
+    fn read(path: &str) -> Self {
+        let parsed = (|| {
+            use std::io::Read;
+            let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            let mut first = Vec::new();
+            file.by_ref()
+                .take(2 << 20)
+                .read_to_end(&mut first)
+                .map_err(|e| e.to_string())?;
+            disk_qcow2::header::Header::parse(&first, len).map_err(|e| e.to_string())
+        })();
+        match parsed {
+            Ok(header) => Self {
+                path: path.to_owned(),
+                version: Some(header.version),
+                cluster_size: Some(header.cluster_size()),
+                backing_file: header.backing_file,
+                error: None,
+            },
+            Err(error) => Self {
+                path: path.to_owned(),
+                version: None,
+                cluster_size: None,
+                backing_file: None,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+/// The qcow2 images a spec names (the first positional argument of `qcow2` nodes).
+fn qcow2_images(spec: &DiskSpec, out: &mut Vec<Qcow2Image>) {
+    if spec.kind == "qcow2"
+        && let Some(path) = spec
+            .args
+            .iter()
+            .find_map(|arg| match (&arg.name, &arg.value) {
+                (None, SpecValue::Text(text)) if text != "ro" && text != "direct" => Some(text),
+                _ => None,
+            })
+    {
+        out.push(Qcow2Image::read(path));
+    }
+    for arg in &spec.args {
+        if let SpecValue::Disk(child) = &arg.value {
+            qcow2_images(child, out);
+        }
+    }
 }
 
 impl Info {
@@ -59,6 +129,11 @@ impl Info {
             disk_id: disk
                 .disk_id()
                 .map(|id| id.iter().map(|b| format!("{b:02x}")).collect()),
+            qcow2_images: {
+                let mut images = Vec::new();
+                qcow2_images(spec, &mut images);
+                images
+            },
         }
     }
 }
@@ -118,7 +193,21 @@ impl std::fmt::Display for Info {
             f,
             "disk id:              {}",
             self.disk_id.as_deref().unwrap_or("none")
-        )
+        )?;
+        for image in &self.qcow2_images {
+            write!(f, "\nqcow2:                {}: ", image.path)?;
+            match (&image.error, image.version, image.cluster_size) {
+                (Some(error), _, _) => write!(f, "{error}")?,
+                (None, Some(version), Some(cluster_size)) => {
+                    write!(f, "version {version}, {cluster_size}-byte clusters")?;
+                    if let Some(backing) = &image.backing_file {
+                        write!(f, ", names backing file {backing} (not followed)")?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 

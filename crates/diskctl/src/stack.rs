@@ -8,6 +8,7 @@ use disk_delay::DelayResolver;
 use disk_file::FileResolver;
 use disk_layered::LayeredResolver;
 use disk_prwrap::PrWrapResolver;
+use disk_qcow2::Qcow2Resolver;
 use disk_ram::RamResolver;
 use disk_striped::StripedResolver;
 
@@ -20,7 +21,12 @@ pub fn resolver() -> Resolver {
     resolver
         .register(FileResolver)
         .register(RamResolver)
-        .register(LayeredResolver::new().with_layer(RamResolver))
+        .register(Qcow2Resolver)
+        .register(
+            LayeredResolver::new()
+                .with_layer(RamResolver)
+                .with_layer(Qcow2Resolver),
+        )
         .register(PrWrapResolver)
         .register(StripedResolver)
         .register(CryptResolver)

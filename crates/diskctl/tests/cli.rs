@@ -165,7 +165,7 @@ fn info_reports_geometry_and_tree() {
 fn bad_input_is_one_line_and_fails() {
     fails(
         &["info", "floppy(a.img)"],
-        "floppy: unknown disk kind `floppy` (known: blockdev, crypt, delay, file, layered, prwrap, ram, striped)",
+        "floppy: unknown disk kind `floppy` (known: blockdev, crypt, delay, file, layered, prwrap, qcow2, ram, striped)",
     );
     fails(
         &["info", "layered(ram, file:x"],
@@ -457,4 +457,50 @@ fn hostile_paths_and_specs_are_one_line() {
             assert!(output.stderr.len() < 1000, "{} bytes", output.stderr.len());
         });
     }
+}
+
+/// qcow2 images from `qemu-img`: `info` reports the backing file a header names, and an image
+/// that names one is refused alone (its layers below must come from the spec). Skips, saying
+/// so, without qemu-img, except under `CI=true`.
+#[test]
+fn qcow2_backing_file_is_reported_never_followed() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "qemu-img is missing under CI=true (install qemu-utils)"
+        );
+        eprintln!("skipping: qemu-img not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    for args in [
+        vec!["create", "-f", "qcow2", b, "16M"],
+        vec!["create", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
+    ] {
+        assert!(
+            Command::new("qemu-img")
+                .args(&args)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let out = ok(&[
+        "info",
+        &format!("layered(qcow2(\"{t}\"), qcow2(\"{b}\", ro))"),
+    ]);
+    assert!(out.contains("32768 sectors of 512 bytes"), "{out}");
+    assert!(
+        out.contains(&format!("names backing file {b} (not followed)")),
+        "{out}"
+    );
+    fails(
+        &["info", &format!("qcow2(\"{t}\")")],
+        &format!("the image names the backing file `{b}` but no layer is given below it"),
+    );
+    assert!(ok(&["kinds"]).contains("qcow2(PATH, [ro], [cache=BYTES], [direct])"));
 }
