@@ -438,6 +438,10 @@ pub struct HostSide {
     pub file_check: Option<PathBuf>,
     /// The backing file a `GUEST-RESIZE-READY` grows, and to what size.
     pub resize: Option<(PathBuf, u64)>,
+    /// Kills the export with SIGKILL and starts it again when the guest says
+    /// `GUEST-KILL-EXPORT`; returns the `HOST-CHECK` lines. With it, QEMU's chardev
+    /// reconnects (`reconnect-ms`); User-Mode Linux cannot (see the `qemu-microvm-restart` case).
+    pub restart: Option<Box<dyn Fn() -> String>>,
 }
 
 impl HostSide {
@@ -449,6 +453,10 @@ impl HostSide {
                 Ok(()) => "HOST-CHECK flush-reached-file ok".into(),
                 Err(e) => format!("HOST-CHECK flush-reached-file FAIL: {e}"),
             });
+        }
+        if line == "GUEST-KILL-EXPORT" {
+            let restart = self.restart.as_ref()?;
+            return Some(restart());
         }
         if line == "GUEST-RESIZE-READY" {
             let (path, bytes) = self.resize.as_ref()?;
@@ -526,7 +534,8 @@ impl Guest {
         })
     }
 
-    fn command(&self, socket: &Path, expect: &str) -> Result<Command> {
+    /// The guest's command line; with `reconnect`, QEMU reconnects to a restarted export.
+    fn command(&self, socket: &Path, expect: &str, reconnect: bool) -> Result<Command> {
         match (self.frontend, &self.kernel.image) {
             (Frontend::Uml, _) => {
                 let mut command = Command::new("linux.uml");
@@ -558,7 +567,12 @@ impl Guest {
                     .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
                     .args(["-global", "virtio-mmio.force-legacy=false"])
                     .arg("-chardev")
-                    .arg(format!("socket,id=c,path={}", socket.display()))
+                    .arg(format!(
+                        "socket,id=c,path={}{}",
+                        socket.display(),
+                        // QEMU 10 calls it `reconnect-ms` (`reconnect`, in seconds, is gone).
+                        if reconnect { ",reconnect-ms=200" } else { "" }
+                    ))
                     .args(["-device", "vhost-user-blk,chardev=c"])
                     .arg("-kernel")
                     .arg(image)
@@ -587,7 +601,7 @@ impl Guest {
 pub fn boot(guest: &Guest, socket: &Path, expect: &str, host: &HostSide) -> Result<Verdict> {
     use std::os::unix::process::CommandExt;
     let mut child = guest
-        .command(socket, expect)?
+        .command(socket, expect, host.restart.is_some())?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -684,6 +698,9 @@ struct Case {
     /// While the guest runs, the export must pin memory (`VmPin`): the guest's, registered
     /// as io_uring fixed buffers.
     pinned: bool,
+    /// The guest runs `fio --verify` and, once it has written some data, asks the host to
+    /// kill the export with SIGKILL and start it again (see `restart_export`).
+    restart: bool,
     /// A qcow2 image of `DISK_BYTES` the spec writes to: made with `qemu-img create` before
     /// the export starts, and checked with `qemu-img check` after it stops.
     qcow2: Option<PathBuf>,
@@ -691,6 +708,9 @@ struct Case {
 
 impl Case {
     fn expect(&self) -> String {
+        if self.restart {
+            return "guest.mode=restart".into();
+        }
         let mut expect = format!(
             "guest.sectors={} guest.lbs={} guest.ro={}",
             self.sectors,
@@ -726,6 +746,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
                 host: HostSide::default(),
                 untouched: None,
                 pinned: false,
+                restart: false,
                 qcow2: None,
             })
             .collect());
@@ -747,6 +768,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
     let (overlay, qcow2_base) = (dir.join("overlay.qcow2"), img("qcow2-base"));
     let fixed = img("blockdev-fixed");
     let qemu_fixed = img("qemu-blockdev-fixed");
+    let (restart_a, restart_b) = (img("qemu-restart-a"), img("qemu-restart-b"));
     Ok(vec![
         Case {
             frontend: Frontend::Uml,
@@ -760,9 +782,11 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide {
                 file_check: Some(file.clone()),
                 resize: Some((file, RESIZED_BYTES)),
+                restart: None,
             },
             untouched: None,
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         Case {
@@ -777,6 +801,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide::default(),
             untouched: None,
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         Case {
@@ -791,9 +816,11 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide {
                 file_check: Some(four_k),
                 resize: None,
+                restart: None,
             },
             untouched: None,
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         Case {
@@ -808,6 +835,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide::default(),
             untouched: Some(base),
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         // A persistent qcow2 overlay over a read-only raw base: the guest's writes land in
@@ -830,6 +858,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             untouched: Some(qcow2_base),
             pinned: false,
             qcow2: Some(overlay),
+            restart: false,
         },
         Case {
             frontend: Frontend::Uml,
@@ -848,6 +877,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide::default(),
             untouched: None,
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         // io_uring with the guest's memory registered as fixed buffers: UML's memory is a
@@ -864,9 +894,11 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide {
                 file_check: Some(fixed),
                 resize: None,
+                restart: None,
             },
             untouched: None,
             pinned: true,
+            restart: false,
             qcow2: None,
         },
         // A second, independent frontend: QEMU (microvm, virtio-mmio) with Debian's kernel.
@@ -882,9 +914,11 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide {
                 file_check: Some(qemu_file.clone()),
                 resize: Some((qemu_file, RESIZED_BYTES)),
+                restart: None,
             },
             untouched: None,
             pinned: false,
+            restart: false,
             qcow2: None,
         },
         // The same through QEMU, whose memory is a memfd and which resets the device before
@@ -901,9 +935,41 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             host: HostSide {
                 file_check: Some(qemu_fixed),
                 resize: None,
+                restart: None,
             },
             untouched: None,
             pinned: true,
+            restart: false,
+            qcow2: None,
+        },
+        // The export killed with SIGKILL in the middle of the guest's fio and started again:
+        // QEMU reconnects and hands over the inflight region, the new export resubmits what
+        // the old one left in flight, and fio verifies every block. User-Mode Linux has no
+        // such case: its virtio_uml transport does not reconnect (a lost socket leaves the
+        // device broken until the guest reboots) and does not offer inflight tracking.
+        Case {
+            frontend: Frontend::Qemu,
+            name: "qemu-microvm-restart",
+            kind,
+            // Latency keeps the guest's queue depth of requests inside the export, so the kill
+            // always catches some of them (the host check requires it); two members of
+            // different latency complete them out of order, so a restart that resumed from
+            // the used index without the inflight region would complete some twice (which
+            // Linux's virtio_ring treats as a broken device) instead of resubmitting exactly
+            // the unfinished ones.
+            spec: format!(
+                "striped(delay(file:{}, ms=2), delay(file:{}, ms=40), chunk=4k)",
+                restart_a.display(),
+                restart_b.display()
+            ),
+            images: vec![(restart_a, DISK_BYTES / 2), (restart_b, DISK_BYTES / 2)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide::default(),
+            untouched: None,
+            pinned: false,
+            restart: true,
             qcow2: None,
         },
     ])
@@ -1023,12 +1089,70 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
         )?,
     };
     let sampler = case.pinned.then(|| PinSampler::start(export.child.id()));
-    let verdict = boot(guest, &export.socket, &case.expect(), &case.host);
+    let socket = export.socket.clone();
+    // The restart hook replaces the export while the guest runs.
+    let export = std::rc::Rc::new(std::cell::RefCell::new(Some(export)));
+    let restart_host;
+    let host = if case.restart {
+        let diskctl = diskctl.ok_or("no diskctl binary")?.to_owned();
+        let (export, spec, socket) = (export.clone(), case.spec.clone(), socket.clone());
+        let log = dir.join(format!("{}-restarted.log", case.name));
+        let read_only = case.read_only;
+        restart_host = HostSide {
+            restart: Some(Box::new(move || {
+                let Some(old) = export.borrow_mut().take() else {
+                    return "HOST-CHECK export-restarted FAIL: no export to kill".into();
+                };
+                match restart_export(old, &diskctl, &spec, &socket, read_only, &log) {
+                    Ok((new, None)) => {
+                        *export.borrow_mut() = Some(new);
+                        "HOST-CHECK export-restarted FAIL: the export held no inflight \
+                         region (QEMU did not negotiate INFLIGHT_SHMFD)"
+                            .into()
+                    }
+                    Ok((new, Some(0))) => {
+                        *export.borrow_mut() = Some(new);
+                        "HOST-CHECK export-restarted FAIL: the inflight region marked no \
+                         request in flight at the kill, so nothing was resubmitted"
+                            .into()
+                    }
+                    Ok((new, Some(marked))) => {
+                        *export.borrow_mut() = Some(new);
+                        format!(
+                            "HOST-CHECK export-restarted ok (SIGKILL with {marked} requests \
+                             marked in flight in the inflight region)"
+                        )
+                    }
+                    Err(e) => format!("HOST-CHECK export-restarted FAIL: {e}"),
+                }
+            })),
+            ..HostSide::default()
+        };
+        &restart_host
+    } else {
+        &case.host
+    };
+    let verdict = boot(guest, &socket, &case.expect(), host);
     let pinned_kb = sampler.map(PinSampler::stop);
+    let export = export
+        .borrow_mut()
+        .take()
+        .ok_or("the export was killed and not restarted")?;
     let kind = export.kind;
     let log_text = export.log_text();
     let stopped = export.stop();
     let mut verdict = verdict.map_err(|e| format!("{e}; export log: {log_text}"))?;
+    if case.restart
+        && !verdict
+            .checks
+            .iter()
+            .any(|c| c.starts_with("HOST-CHECK export-restarted"))
+    {
+        verdict
+            .checks
+            .push("HOST-CHECK export-restarted FAIL: the guest never asked for it".into());
+        verdict.passed = false;
+    }
     if kind == ExportKind::Diskctl {
         verdict.checks.push(match &stopped {
             Ok(()) => "HOST-CHECK export-stops-cleanly ok".into(),
@@ -1064,6 +1188,68 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
         verdict.checks.push(format!("export log: {log_text}"));
     }
     Ok(verdict)
+}
+
+/// Kills `old` with SIGKILL (no drain, no flush: what a crash does), reads how many requests
+/// the inflight region marks in flight at that instant, and starts `diskctl serve` again
+/// with the same spec on the same socket. Returns the new export and that count (`None` if
+/// the export held no region: the restart still happens, so the guest can show what a
+/// restart without inflight tracking does).
+fn restart_export(
+    mut old: Export,
+    diskctl: &Path,
+    spec: &str,
+    socket: &Path,
+    read_only: bool,
+    log: &Path,
+) -> Result<(Export, Option<usize>)> {
+    // Opened before the kill: a dead process has no descriptors to find it by.
+    let region = inflight_region_of(old.child.id());
+    old.child
+        .kill()
+        .map_err(|e| format!("cannot kill the export: {e}"))?;
+    let _ = old.child.wait();
+    let marked = region.map(|file| count_marked(&file)).transpose()?;
+    // Its drop removes the socket it left behind, before the new export binds it.
+    drop(old);
+    let new = Export::diskctl(diskctl, spec, socket, read_only, log)?;
+    Ok((new, marked))
+}
+
+/// The inflight region (a memfd) the export `pid` holds, opened through `/proc`.
+fn inflight_region_of(pid: u32) -> Option<std::fs::File> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    fds.flatten().find_map(|entry| {
+        let target = std::fs::read_link(entry.path()).ok()?;
+        target
+            .to_string_lossy()
+            .contains("vhost-user-blk-inflight")
+            .then(|| std::fs::File::open(entry.path()).ok())?
+    })
+}
+
+/// Heads marked in flight in an inflight region (split layout, version 1; see
+/// `vhost_user_blk::inflight`): per queue area, a 16-byte header whose `desc_num` is at
+/// byte 10, then 16 bytes per descriptor whose first is the `inflight` flag.
+fn count_marked(file: &std::fs::File) -> Result<usize> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    (&*file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the inflight region: {e}"))?;
+    let mut marked = 0;
+    let mut area = 0usize;
+    while area + 16 <= bytes.len() {
+        let desc_num = usize::from(u16::from_le_bytes([bytes[area + 10], bytes[area + 11]]));
+        if desc_num == 0 || area + 16 + 16 * desc_num > bytes.len() {
+            break;
+        }
+        marked += (0..desc_num)
+            .filter(|i| bytes[area + 16 + 16 * i] != 0)
+            .count();
+        area += (16 * desc_num + 2).next_multiple_of(64);
+    }
+    Ok(marked)
 }
 
 /// Runs `qemu-img ARGS IMAGE REST`; its output becomes the error if it fails.

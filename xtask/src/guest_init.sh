@@ -45,6 +45,28 @@ if [ "$(arg mode)" = bench ]; then
     poweroff -f
 fi
 
+if [ "$(arg mode)" = restart ]; then
+    # The export dies (SIGKILL) and comes back while fio writes: QEMU reconnects, the new
+    # export resubmits what the old one had in flight, and fio must verify every block
+    # without an I/O error. The kill comes once 2 MiB are written (sectors written, field 7
+    # of the disk's stat), so that it lands in the middle of the writes.
+    fio --name=restart --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+        --bs=4k --iodepth=16 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --randrepeat=0 > /tmp/fio.out 2>&1 &
+    FIO=$!
+    i=0; while [ "$(awk '{print $7}' /sys/block/vda/stat)" -lt 4096 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+    echo "GUEST-INFO sectors-written-before-kill=$(awk '{print $7}' /sys/block/vda/stat)"
+    echo "GUEST-KILL-EXPORT"
+    wait $FIO
+    RC=$?
+    echo "GUEST-INFO fio exit=$RC $(grep -E 'err=|verify|WRITE:|READ:' /tmp/fio.out | tr -s ' ' | tr '\n' ' ')"
+    check fio-verify-across-restart test $RC = 0
+    check no-io-error sh -c '! dmesg | grep -iE "I/O error|(vda|virtio_blk|virtblk).*(error|timed out|timeout|fail)"'
+    dmesg | grep -iE "vda|virtio|blk" | tail -5 | sed 's/^/GUEST-INFO dmesg: /'
+    if [ $FAILED = 0 ]; then echo "GUEST-RESULT PASS"; else echo "GUEST-RESULT FAIL"; fi
+    poweroff -f
+fi
+
 SECTORS=$(cat /sys/block/vda/size)
 LBS=$(cat /sys/block/vda/queue/logical_block_size)
 RO=$(cat /sys/block/vda/ro)

@@ -5,7 +5,7 @@ use crate::{AccessError, BuildError, PAGE_SIZE, PAGE_SIZE64};
 use std::any::Any;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The size of a transparent huge page (a PMD of 4 KiB pages on x86-64 and arm64).
@@ -242,26 +242,72 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Reads the byte at `gpa` with one relaxed atomic load (see
+    /// [`read_atomic_u16`](Self::read_atomic_u16)): for flags another process may be writing.
+    pub fn read_atomic_u8(&self, gpa: u64) -> Result<u8, AccessError> {
+        let host = self.atomic_host(gpa, 1, false)?;
+        // SAFETY: as in `read_atomic_u16`, for a 1-byte `AtomicU8`, which needs no alignment.
+        let atomic = unsafe { AtomicU8::from_ptr(host) };
+        Ok(atomic.load(Ordering::Relaxed))
+    }
+
+    /// Writes the byte at `gpa` with one relaxed atomic store (see
+    /// [`write_atomic_u16`](Self::write_atomic_u16)).
+    pub fn write_atomic_u8(&self, gpa: u64, value: u8) -> Result<(), AccessError> {
+        let host = self.atomic_host(gpa, 1, true)?;
+        // SAFETY: as in `write_atomic_u16`, for a 1-byte `AtomicU8`.
+        let atomic = unsafe { AtomicU8::from_ptr(host) };
+        atomic.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads the `u64` at `gpa` (host byte order) with one relaxed atomic load, never a mix of
+    /// two stores. Fails with [`AccessError::Misaligned`] unless `gpa` and its host address
+    /// are 8-byte aligned; otherwise as [`read_atomic_u16`](Self::read_atomic_u16).
+    pub fn read_atomic_u64(&self, gpa: u64) -> Result<u64, AccessError> {
+        let host = self.atomic_host(gpa, 8, false)?;
+        // SAFETY: as in `read_atomic_u16`; `atomic_host` checked the 8-byte alignment of
+        // `AtomicU64` and that all 8 bytes lie in one live region.
+        let atomic = unsafe { AtomicU64::from_ptr(host.cast()) };
+        Ok(atomic.load(Ordering::Relaxed))
+    }
+
+    /// Writes the `u64` at `gpa` (host byte order) with one relaxed atomic store. Alignment
+    /// and errors as [`read_atomic_u64`](Self::read_atomic_u64), plus read-only memory.
+    pub fn write_atomic_u64(&self, gpa: u64, value: u64) -> Result<(), AccessError> {
+        let host = self.atomic_host(gpa, 8, true)?;
+        // SAFETY: as in `read_atomic_u64`; in addition the region is writable (checked by
+        // `atomic_host`), so the store cannot fault.
+        let atomic = unsafe { AtomicU64::from_ptr(host.cast()) };
+        atomic.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The host address of the aligned `u16` at `gpa`, inside one region (writable, if
     /// `write`).
     fn atomic_u16_host(&self, gpa: u64, write: bool) -> Result<*mut u8, AccessError> {
-        const SIZE: usize = size_of::<u16>();
+        self.atomic_host(gpa, 2, write)
+    }
+
+    /// The host address of the naturally aligned `size`-byte value at `gpa` (`size` a power
+    /// of two up to 8), inside one region (writable, if `write`).
+    fn atomic_host(&self, gpa: u64, size: usize, write: bool) -> Result<*mut u8, AccessError> {
         let misaligned = AccessError::Misaligned {
             gpa,
-            size: SIZE as u64,
+            size: size as u64,
         };
-        if !gpa.is_multiple_of(SIZE as u64) {
+        if !gpa.is_multiple_of(size as u64) {
             return Err(misaligned);
         }
-        let Some(host) = self.single_region(gpa, SIZE, write) else {
+        let Some(host) = self.single_region(gpa, size, write) else {
             // Not backed, read-only, or (impossible for an aligned access, since regions
             // start on pages) split between regions: the general check says which.
-            self.check_range(gpa, SIZE, write)?;
+            self.check_range(gpa, size, write)?;
             return Err(misaligned);
         };
         // Regions are page-aligned in guest addresses but only `external` callers decide the
         // host address, which need not be aligned at all.
-        if !host.cast::<AtomicU16>().is_aligned() {
+        if !(host as usize).is_multiple_of(size) {
             return Err(misaligned);
         }
         Ok(host)
@@ -690,6 +736,32 @@ mod tests {
             })
         );
         assert!(mem.read_atomic_u16(u64::MAX - 1).is_err());
+    }
+
+    #[test]
+    fn atomic_u8_and_u64_accesses_are_checked() {
+        let mem = GuestMemory::builder()
+            .heap(0, PAGE_SIZE64)
+            .unwrap()
+            .build()
+            .unwrap();
+        mem.write_atomic_u64(0x18, 0x0123_4567_89ab_cdef).unwrap();
+        assert_eq!(mem.read_atomic_u64(0x18).unwrap(), 0x0123_4567_89ab_cdef);
+        assert_eq!(mem.read_plain::<u64>(0x18).unwrap(), 0x0123_4567_89ab_cdef);
+        mem.write_atomic_u8(0x21, 7).unwrap();
+        assert_eq!(mem.read_atomic_u8(0x21).unwrap(), 7);
+        let misaligned = AccessError::Misaligned { gpa: 0x14, size: 8 };
+        assert_eq!(mem.read_atomic_u64(0x14), Err(misaligned.clone()));
+        assert_eq!(mem.write_atomic_u64(0x14, 1), Err(misaligned));
+        assert_eq!(
+            mem.read_atomic_u64(PAGE_SIZE64 - 8 + 8),
+            Err(AccessError::OutOfRange {
+                gpa: PAGE_SIZE64,
+                len: 8
+            })
+        );
+        assert!(mem.read_atomic_u8(PAGE_SIZE64).is_err());
+        assert!(mem.read_atomic_u64(u64::MAX - 7).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! with the new set. That happens a handful of times while a frontend sets up, never per
 //! request.
 
+use crate::inflight::{InflightError, InflightRegion, QueueInflight, Recovery};
 use crate::interrupt::Interrupt;
 use crate::kick::KickWorker;
 use crate::memory::{MapMemoryError, MemoryRegion, MemoryTable};
@@ -30,8 +31,8 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandler};
 use virtio_block::{
-    ActivateError, BlockConfig, BlockDevice, IrqLine, NewDeviceError, QueueConfig, QueueState,
-    VirtioDevice,
+    ActivateError, BlockConfig, BlockDevice, InflightLog, IrqLine, NewDeviceError, QueueConfig,
+    QueueState, VirtioDevice,
 };
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: a vhost-user bit in the virtio feature word.
@@ -44,6 +45,7 @@ fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// How long, at most, a queue's thread keeps checking for the guest's next kick before it
@@ -131,6 +133,13 @@ pub enum RequestError {
     /// A call file descriptor could not be made non-blocking.
     #[error("unusable call file descriptor")]
     CallFd(#[source] std::io::Error),
+    /// The inflight region could not be created or mapped, or a ring cannot recover from
+    /// what it holds (the ring stays stopped).
+    #[error("inflight tracking failed")]
+    Inflight(#[source] InflightError),
+    /// `SET_INFLIGHT_FD` while rings run: their requests are recorded in the old region.
+    #[error("the inflight region cannot change while rings run")]
+    InflightWhileRunning,
     /// A request for a protocol feature the backend does not offer.
     #[error("{0} is not supported")]
     Unsupported(&'static str),
@@ -138,7 +147,16 @@ pub enum RequestError {
 
 impl From<RequestError> for vhost::vhost_user::Error {
     fn from(error: RequestError) -> Self {
-        Self::ReqHandlerError(std::io::Error::other(error))
+        // The `vhost` crate's error shows the handler's error but not its causes: put the
+        // whole chain in the message so that the operator sees why.
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::ReqHandlerError(std::io::Error::other(message))
     }
 }
 
@@ -169,6 +187,9 @@ struct Session {
     vrings: Vec<Vring>,
     /// Which rings the device is running.
     live: Vec<bool>,
+    /// The inflight region (`GET_INFLIGHT_FD`/`SET_INFLIGHT_FD`), which the rings record
+    /// their requests in and recover from when they start.
+    inflight: Option<InflightRegion>,
     /// A duplicate of the backend request channel the frontend is sending, taken by the
     /// server before the `vhost` crate consumes the message (see `server.rs`).
     pending_channel: Option<OwnedFd>,
@@ -182,6 +203,7 @@ impl Session {
             memory: None,
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             live: vec![false; queues.into()],
+            inflight: None,
             pending_channel: None,
         }
     }
@@ -269,6 +291,8 @@ impl VhostUserBlk {
         let mut fresh = Session::new(queues);
         fresh.protocol_features = session.protocol_features;
         fresh.memory = session.memory.take();
+        // QEMU hands the region over before it resets and starts the device.
+        fresh.inflight = session.inflight.take();
         let old = std::mem::replace(&mut *session, fresh);
         drop(old);
         self.device.lock().reset();
@@ -372,6 +396,27 @@ impl VhostUserBlk {
                 }
             }
         }
+        // Nothing of this device is in flight now: what the inflight region marks was left
+        // by a previous backend, to resubmit.
+        let mut resubmits = vec![None; queues];
+        for index in 0..queues {
+            if !want[index] {
+                continue;
+            }
+            match self.recover(session, index, &configs[index]) {
+                Ok(Some((log, recovery))) => {
+                    if let Some(state) = recovery.state {
+                        session.vrings[index].state = state;
+                    }
+                    resubmits[index] = Some((log, recovery.resubmit));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    want[index] = false;
+                    result = Err(error);
+                }
+            }
+        }
         let states: Vec<QueueState> = session.vrings.iter().map(|v| v.state).collect();
         loop {
             for (index, queue) in device.queues_mut().iter_mut().enumerate() {
@@ -383,6 +428,14 @@ impl VhostUserBlk {
             // Only refused for an active device or a different queue count, neither of
             // which can be the case here.
             let _ = device.restore_queues(&states);
+            for (index, resubmit) in resubmits.iter().enumerate() {
+                if let Some((log, heads)) = resubmit
+                    && want[index]
+                {
+                    let log: Arc<dyn InflightLog> = log.clone();
+                    device.set_queue_inflight(index as u16, log, heads.clone());
+                }
+            }
             if !want.iter().any(|&w| w) {
                 break;
             }
@@ -416,6 +469,36 @@ impl VhostUserBlk {
             }
         }
         result
+    }
+
+    /// Reads ring `index`'s area of the inflight region, if there is one, before the ring
+    /// starts: the log to record in, and where the ring resumes with what to resubmit.
+    fn recover(
+        &self,
+        session: &Session,
+        index: usize,
+        config: &QueueConfig,
+    ) -> std::result::Result<Option<(Arc<QueueInflight>, Recovery)>, RequestError> {
+        let (Some(region), Some(memory)) = (&session.inflight, &session.memory) else {
+            return Ok(None);
+        };
+        let Some(log) = region.queue(index) else {
+            return Ok(None);
+        };
+        let used_idx = memory
+            .memory()
+            .read_atomic_u16(config.used_ring + 2)
+            .map(u16::from_le)
+            .map_err(|source| {
+                RequestError::Inflight(InflightError::Access {
+                    queue: index as u16,
+                    source,
+                })
+            })?;
+        let recovery = log
+            .recover(config.size, used_idx)
+            .map_err(RequestError::Inflight)?;
+        Ok(Some((log.clone(), recovery)))
     }
 
     fn apply_reply(&self, session: &mut Session, restart: bool) -> Result<()> {
@@ -645,12 +728,48 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
         Err(RequestError::Unsupported("SHARED_OBJECT").into())
     }
 
-    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        Err(RequestError::Unsupported("INFLIGHT_SHMFD").into())
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        // Room for the largest ring the device allows, not only the size the frontend asks
+        // for: QEMU asks for its `queue-size` (128 by default), but on virtio-mmio it
+        // offers the guest 1024 entries and the ring is what the guest picks.
+        let desc_num = inflight.queue_size.max(self.queue_max_size);
+        let region = InflightRegion::create(inflight.num_queues, desc_num)
+            .map_err(RequestError::Inflight)?;
+        let file = region
+            .file()
+            .try_clone()
+            .map_err(|e| RequestError::Inflight(InflightError::Create(e)))?;
+        let reply = VhostUserInflight {
+            mmap_size: region.mmap_size(),
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        // As libvhost-user: the region is in use from now on; the frontend normally hands
+        // it straight back with SET_INFLIGHT_FD, which replaces it with the same memory.
+        let mut session = self.session.lock();
+        if session.live.iter().any(|&live| live) {
+            return Err(RequestError::InflightWhileRunning.into());
+        }
+        session.inflight = Some(region);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(RequestError::Unsupported("INFLIGHT_SHMFD").into())
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        let mut session = self.session.lock();
+        if session.live.iter().any(|&live| live) {
+            return Err(RequestError::InflightWhileRunning.into());
+        }
+        let region = InflightRegion::map(
+            file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(RequestError::Inflight)?;
+        session.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&self) -> Result<u64> {

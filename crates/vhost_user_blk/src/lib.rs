@@ -13,12 +13,16 @@
 //!   [`BlockDevice`](virtio_block::BlockDevice) through the same `VirtioDevice` trait the
 //!   MMIO transport uses, so every request runs through `virtio_block`'s parsing and its
 //!   asynchronous engine, not a copy of them.
+//! - [`inflight`]: `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. The frontend keeps a shared
+//!   region recording which requests the backend took and has not completed; a backend
+//!   killed and restarted (SIGKILL, a crash) resubmits exactly those, oldest first, when the
+//!   frontend reconnects, so the guest sees every request complete once and none lost.
 //! - [`Server`]: one connection at a time, a fresh device per connection (a frontend that
-//!   reconnects starts clean), configuration-change messages when the disk is resized, and a
-//!   clean stop (requests in flight completed, disk flushed).
+//!   reconnects starts clean, or from its inflight region), configuration-change messages
+//!   when the disk is resized, and a clean stop (requests in flight completed, disk flushed).
 //!
 //! It is not a general vhost-user framework: one device type, split rings only, no
-//! migration (dirty logging, inflight tracking, device state).
+//! migration (dirty logging, device state).
 //!
 //! ```no_run
 //! use disk_backend::Disk;
@@ -42,6 +46,7 @@
 #![deny(unsafe_code)]
 
 mod backend;
+pub mod inflight;
 mod interrupt;
 mod kick;
 pub mod memory;

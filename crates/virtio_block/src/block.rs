@@ -7,7 +7,7 @@ use crate::device::{
 use crate::engine::disk::DiskEngine;
 use crate::engine::sync::{BlockBackend, SyncEngine};
 use crate::engine::{Capacity, DeviceShared, EngineContext};
-use crate::queue::{QueueConfig, QueueState, SplitQueue};
+use crate::queue::{InflightLog, QueueConfig, QueueState, SplitQueue};
 use crate::request::RequestLimits;
 use crate::spec::{blk, features};
 use disk_backend::{Disk, UnmapBehavior};
@@ -56,6 +56,9 @@ impl<B: BlockBackend + 'static> From<Arc<B>> for Backend {
     }
 }
 
+/// What [`BlockDevice::set_queue_inflight`] hands to a queue at activation.
+type QueueInflight = (Arc<dyn InflightLog>, Vec<u16>);
+
 enum Engine {
     Sync(SyncEngine),
     Disk(DiskEngine),
@@ -79,6 +82,9 @@ pub struct BlockDevice {
     queue_max_sizes: Vec<u16>,
     queues: Vec<QueueConfig>,
     restored: Vec<QueueState>,
+    /// Per queue, the inflight log and the heads to resubmit that the next activation hands
+    /// to the queue (see [`BlockDevice::set_queue_inflight`]).
+    inflight: Vec<Option<QueueInflight>>,
     shared: Arc<DeviceShared>,
     engine: Option<Engine>,
 }
@@ -204,6 +210,7 @@ impl BlockDevice {
             queue_max_sizes: vec![config.queue_size; config.num_queues.into()],
             queues: vec![QueueConfig::new(config.queue_size); config.num_queues.into()],
             restored: vec![QueueState::default(); config.num_queues.into()],
+            inflight: vec![None; config.num_queues.into()],
             shared: Arc::new(DeviceShared {
                 needs_reset: AtomicBool::new(false),
                 writeback: AtomicBool::new(config.writeback),
@@ -216,6 +223,33 @@ impl BlockDevice {
             config,
             engine: None,
         })
+    }
+
+    /// Has queue `index` record what it pops and completes in `log` once the device is next
+    /// activated, and serve `resubmit` (heads a previous device popped and never completed,
+    /// oldest first) before anything new. The transport restores the queue's indices to
+    /// match ([`restore_queues`](VirtioDevice::restore_queues): `next_avail` counts the heads
+    /// to resubmit as popped). This is the hook vhost-user's inflight tracking needs (see
+    /// [`InflightLog`]); it holds until the next activation, which consumes it, or a reset.
+    ///
+    /// Returns `false` (and does nothing) if the queue does not exist or the device is
+    /// active.
+    pub fn set_queue_inflight(
+        &mut self,
+        index: u16,
+        log: Arc<dyn InflightLog>,
+        resubmit: Vec<u16>,
+    ) -> bool {
+        if self.engine.is_some() {
+            return false;
+        }
+        match self.inflight.get_mut(usize::from(index)) {
+            Some(slot) => {
+                *slot = Some((log, resubmit));
+                true
+            }
+            None => false,
+        }
     }
 
     /// The size in 512-byte sectors, as the configuration space reports it.
@@ -351,12 +385,14 @@ impl VirtioDevice for BlockDevice {
                 queues.push(None);
                 continue;
             }
-            let queue = SplitQueue::new(mem.clone(), config, *state, indirect, event_idx).map_err(
-                |source| ActivateError::Queue {
+            let mut queue = SplitQueue::new(mem.clone(), config, *state, indirect, event_idx)
+                .map_err(|source| ActivateError::Queue {
                     index: index as u16,
                     source,
-                },
-            )?;
+                })?;
+            if let Some((log, resubmit)) = self.inflight[index].take() {
+                queue.set_inflight(log, resubmit);
+            }
             queues.push(Some(queue));
         }
         let ctx = EngineContext {
@@ -418,6 +454,7 @@ impl VirtioDevice for BlockDevice {
             *queue = QueueConfig::new(queue.max_size);
         }
         self.restored.fill(QueueState::default());
+        self.inflight.fill(None);
         self.shared.needs_reset.store(false, Ordering::Release);
         self.shared
             .writeback

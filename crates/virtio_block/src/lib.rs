@@ -70,5 +70,5 @@ pub use device::{
     VirtioInterrupt,
 };
 pub use engine::sync::{BlockBackend, SyncFileBackend};
-pub use queue::{QueueConfig, QueueState};
+pub use queue::{InflightLog, QueueConfig, QueueState};
 pub use transport::{MmioState, VENDOR_ID, VirtioMmioTransport};

@@ -38,11 +38,34 @@
 //!   `avail_event`, a *sequentially consistent* fence, then read `avail.idx` again: a
 //!   request published between the last pop and the `avail_event` store would otherwise be
 //!   left without a kick.
+//!
+//! # Inflight log
+//!
+//! A transport whose device can die without the driver noticing (a vhost-user backend killed
+//! and restarted while the frontend keeps the guest running) gives the queue an
+//! [`InflightLog`]: a record, in memory that outlives the device, of the heads the device
+//! has popped and not yet put in the used ring. The queue calls it at the points the
+//! vhost-user specification's "Inflight I/O tracking" fixes, so that a crash at any instant
+//! leaves a record a new device can recover from:
+//!
+//! - `pop`: once a chain is read, [`InflightLog::popped`] marks its head.
+//! - `add_used`: write the used element, [`InflightLog::before_used`] (the head of this
+//!   "batch"), a *release* fence, `used.idx`, then [`InflightLog::after_used`] (clear the
+//!   head's mark, then record the new used index). A crash after `used.idx` moved but before
+//!   the log caught up shows as a used index in the ring one past the log's, and the head
+//!   named by `before_used` is the one that completed.
+//!
+//! Heads to resubmit after such a recovery ([`SplitQueue::set_inflight`]) are popped before
+//! anything new from the available ring, without moving `next_avail` (they were counted
+//! when the previous device popped them).
 
 use crate::descriptor::{ChainError, DescriptorChain, read_chain};
 use crate::spec::ring::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
 use guestmem::{AccessError, GuestMemory};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
 use thiserror::Error;
 use zerocopy::little_endian::U32;
@@ -148,6 +171,12 @@ pub enum QueueError {
         /// The queue size.
         size: u16,
     },
+    /// The inflight log could not record a head (see [`InflightLog`]).
+    #[error("the inflight log cannot record head {head}")]
+    InflightLog {
+        /// The head index.
+        head: u16,
+    },
     /// A popped chain is malformed. Its head has been returned with length 0.
     #[error("malformed descriptor chain at head {head}")]
     Chain {
@@ -157,6 +186,23 @@ pub enum QueueError {
         #[source]
         source: ChainError,
     },
+}
+
+/// A record of the heads the device holds, kept where it survives the device (vhost-user's
+/// inflight region). See the module documentation for when the queue calls each method.
+///
+/// Each returns `false` if it could not record `head` (outside the log): the queue then
+/// reports [`QueueError::InflightLog`] and the device needs a reset.
+pub trait InflightLog: Send + Sync + fmt::Debug {
+    /// `head` was popped from the available ring: the device holds it now.
+    fn popped(&self, head: u16) -> bool;
+
+    /// `head` is about to go into the used ring; `used.idx` has not moved yet. Called for
+    /// every used element, also for heads `popped` never saw (a malformed chain).
+    fn before_used(&self, head: u16) -> bool;
+
+    /// `head` is in the used ring and `used.idx` is now `used_idx`.
+    fn after_used(&self, head: u16, used_idx: u16) -> bool;
 }
 
 /// A live split virtqueue: the rings in guest memory plus the device's indices.
@@ -173,6 +219,10 @@ pub struct SplitQueue {
     next_used: u16,
     /// `next_used` when the device last decided whether to interrupt, for `vring_need_event`.
     signalled_used: u16,
+    /// Where popped and completed heads are recorded, if anywhere.
+    inflight: Option<Arc<dyn InflightLog>>,
+    /// Heads a previous device popped and never completed, to serve before new ones.
+    resubmit: VecDeque<u16>,
 }
 
 impl SplitQueue {
@@ -228,7 +278,24 @@ impl SplitQueue {
             next_avail: state.next_avail,
             next_used: state.next_used,
             signalled_used: state.next_used,
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
+    }
+
+    /// Records popped and completed heads in `log` from now on, and serves `resubmit` (heads
+    /// a previous device popped and never completed, oldest first) before anything new in
+    /// the available ring. The state the queue was created with must already count the
+    /// resubmitted heads as popped (`next_avail` = used index + their number), as vhost-user
+    /// recovery computes it.
+    pub fn set_inflight(&mut self, log: Arc<dyn InflightLog>, resubmit: Vec<u16>) {
+        self.inflight = Some(log);
+        self.resubmit = resubmit.into();
+    }
+
+    /// Heads still waiting to be resubmitted.
+    pub fn pending_resubmits(&self) -> usize {
+        self.resubmit.len()
     }
 
     /// The queue size.
@@ -278,6 +345,10 @@ impl SplitQueue {
     /// ring with length 0, so no descriptor is lost; the caller should still mark the device
     /// as needing a reset.
     pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
+        if let Some(head) = self.resubmit.pop_front() {
+            // Already marked in the log by the device that popped it first.
+            return self.read_popped(head).map(Some);
+        }
         let avail_idx = self.avail_idx()?;
         let pending = avail_idx.wrapping_sub(self.next_avail);
         if pending == 0 {
@@ -296,8 +367,20 @@ impl SplitQueue {
         let slot = u64::from(self.next_avail % self.size);
         let head = self.read_index(self.avail_ring + 4 + 2 * slot, "available ring")?;
         self.next_avail = self.next_avail.wrapping_add(1);
+        let chain = self.read_popped(head)?;
+        if let Some(log) = &self.inflight
+            && !log.popped(head)
+        {
+            self.add_used(head, 0)?;
+            return Err(QueueError::InflightLog { head });
+        }
+        Ok(Some(chain))
+    }
+
+    /// Reads the chain of a head taken off the available ring (or the resubmit list).
+    fn read_popped(&mut self, head: u16) -> Result<DescriptorChain, QueueError> {
         match read_chain(&self.mem, self.desc_table, self.size, head, self.indirect) {
-            Ok(chain) => Ok(Some(chain)),
+            Ok(chain) => Ok(chain),
             Err(source) => {
                 // The head is the driver's to reuse only once it is in the used ring.
                 self.add_used(head, 0)?;
@@ -316,11 +399,26 @@ impl SplitQueue {
         self.mem
             .write_plain(self.used_ring + 4 + 8 * slot, &element)
             .map_err(Self::ring_error("used ring"))?;
+        let logged = self
+            .inflight
+            .as_ref()
+            .is_none_or(|log| log.before_used(head));
         // The element (and the request's data and status, written before this call) must be
-        // visible before the index that publishes them.
+        // visible before the index that publishes them; so must the log's batch head, which
+        // recovery trusts once it sees the index moved.
         fence(Ordering::Release);
         self.next_used = self.next_used.wrapping_add(1);
-        self.write_index(self.used_ring + 2, self.next_used)
+        self.write_index(self.used_ring + 2, self.next_used)?;
+        let logged = logged
+            && self
+                .inflight
+                .as_ref()
+                .is_none_or(|log| log.after_used(head, self.next_used));
+        if logged {
+            Ok(())
+        } else {
+            Err(QueueError::InflightLog { head })
+        }
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call.
@@ -461,5 +559,58 @@ mod tests {
         // A jump of more than the queue size is refused.
         mem.write_plain(0x2002, &U16::new(6)).unwrap();
         assert!(matches!(q.pop(), Err(QueueError::AvailIndexJump { .. })));
+    }
+
+    /// Records the calls the queue makes, in order.
+    #[derive(Debug, Default)]
+    struct Recorder(parking_lot::Mutex<Vec<String>>);
+
+    impl InflightLog for Recorder {
+        fn popped(&self, head: u16) -> bool {
+            self.0.lock().push(format!("popped {head}"));
+            true
+        }
+        fn before_used(&self, head: u16) -> bool {
+            self.0.lock().push(format!("before {head}"));
+            true
+        }
+        fn after_used(&self, head: u16, used_idx: u16) -> bool {
+            self.0.lock().push(format!("after {head} {used_idx}"));
+            true
+        }
+    }
+
+    /// Resubmitted heads come first and are not logged again; new heads are logged when
+    /// popped; every used element is bracketed by the log's two calls.
+    #[test]
+    fn the_inflight_log_hears_pops_and_completions_and_resubmits_come_first() {
+        let mem = GuestMemory::allocate(4 * PAGE_SIZE);
+        for head in 0..4u16 {
+            mem.write_plain(
+                0x1000 + 16 * u64::from(head),
+                &Descriptor::new(0x100, 8, 0, 0),
+            )
+            .unwrap();
+        }
+        // Heads 0 and 2 were popped by a previous device; the driver then published head 3.
+        mem.write_plain(0x2004, &U16::new(0)).unwrap();
+        mem.write_plain(0x2006, &U16::new(2)).unwrap();
+        mem.write_plain(0x2008, &U16::new(3)).unwrap();
+        mem.write_plain(0x2002, &U16::new(3)).unwrap();
+        let state = QueueState {
+            next_avail: 2,
+            next_used: 0,
+        };
+        let mut q = SplitQueue::new(mem.clone(), &config(), state, false, false).unwrap();
+        let log = Arc::new(Recorder::default());
+        q.set_inflight(log.clone(), vec![2, 0]);
+        let heads: Vec<u16> = std::iter::from_fn(|| q.pop().unwrap().map(|c| c.head())).collect();
+        assert_eq!(heads, [2, 0, 3]);
+        q.add_used(0, 8).unwrap();
+        assert_eq!(
+            *log.0.lock(),
+            ["popped 3", "before 0", "after 0 1"],
+            "resubmitted heads are logged already"
+        );
     }
 }

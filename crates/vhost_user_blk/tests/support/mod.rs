@@ -45,6 +45,14 @@ pub struct DriverQueue {
     pub last_used: u16,
 }
 
+/// A connection a test moved away from with [`TestFrontend::reconnect`], kept open.
+pub struct OldConnection {
+    _raw: UnixStream,
+    _frontend: Frontend,
+    _stop: UnixStream,
+    _server: Option<JoinHandle<SessionEnd>>,
+}
+
 /// A frontend connected to a backend served on another thread.
 pub struct TestFrontend {
     pub frontend: Frontend,
@@ -125,6 +133,12 @@ impl TestFrontend {
 
     /// Everything [`negotiate`](Self::negotiate) does but the memory table.
     pub fn negotiate_features(&mut self) {
+        self.negotiate_features_with(VhostUserProtocolFeatures::empty());
+    }
+
+    /// [`negotiate_features`](Self::negotiate_features), also accepting `extra` protocol
+    /// features (which the backend must offer).
+    pub fn negotiate_features_with(&mut self, extra: VhostUserProtocolFeatures) {
         let fe = &mut self.frontend;
         fe.set_owner().expect("set_owner");
         let offered = fe.get_features().expect("get_features");
@@ -140,7 +154,8 @@ impl TestFrontend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | extra;
         assert!(protocol.contains(wanted), "offered {protocol:?}");
         fe.set_protocol_features(wanted)
             .expect("set_protocol_features");
@@ -159,6 +174,75 @@ impl TestFrontend {
             mmap_offset: 0,
             mmap_handle: self.memfd.as_raw_fd(),
         }])
+    }
+
+    /// Replaces the connection with a new one to `handler` (served on a new thread), keeping
+    /// guest memory, the rings and what the driver knows of them, as a VMM does when its
+    /// backend is restarted. Returns the old connection, still open: the old backend keeps
+    /// whatever it had in flight and never hears from this frontend again.
+    pub fn reconnect(&mut self, handler: Arc<VhostUserBlk>) -> OldConnection {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let (stop, stop_reader) = UnixStream::pair().expect("socketpair");
+        let server =
+            std::thread::spawn(move || serve_connection(&handler, theirs, stop_reader.as_fd()));
+        let queues = self.queues.len() as u64;
+        OldConnection {
+            _raw: std::mem::replace(&mut self.raw, ours.try_clone().expect("clone")),
+            _frontend: std::mem::replace(
+                &mut self.frontend,
+                Frontend::from_stream(ours, queues.max(1)),
+            ),
+            _stop: std::mem::replace(&mut self.stop, stop),
+            _server: self.server.replace(server),
+        }
+    }
+
+    /// Starts queue `q` again on a new connection without touching the rings, from the used
+    /// index the ring shows (what QEMU sends when the old backend cannot say where it was),
+    /// with new kick and call eventfds.
+    pub fn resume_queue(&mut self, q: u16) -> vhost::Result<()> {
+        let i = usize::from(q);
+        let r = ring_base(q);
+        let used: u16 = self.mem.read_plain(r + 0x2000 + 2).expect("used idx");
+        let fe = &mut self.frontend;
+        fe.set_vring_num(i, QUEUE_SIZE)?;
+        fe.set_vring_base(i, used)?;
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: USER_BASE + r,
+                used_ring_addr: USER_BASE + r + 0x2000,
+                avail_ring_addr: USER_BASE + r + 0x1000,
+                log_addr: None,
+            },
+        )?;
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let kick = EventFd::new(0).expect("eventfd");
+        fe.set_vring_call(i, &call)?;
+        fe.set_vring_kick(i, &kick)?;
+        fe.set_vring_enable(i, true)?;
+        self.queues[i].call = call;
+        self.queues[i].kick = kick;
+        Ok(())
+    }
+
+    /// The used ring's entries from position `from` up to its index: (head, length).
+    pub fn used_entries(&self, q: u16, from: u16) -> Vec<(u16, u32)> {
+        let r = ring_base(q);
+        let used: u16 = self.mem.read_plain(r + 0x2000 + 2).expect("used idx");
+        let mut entries = Vec::new();
+        let mut at = from;
+        while at != used {
+            let slot = r + 0x2000 + 4 + u64::from(at % QUEUE_SIZE) * 8;
+            let head: u32 = self.mem.read_plain(slot).expect("used id");
+            let len: u32 = self.mem.read_plain(slot + 4).expect("used len");
+            entries.push((head as u16, len));
+            at = at.wrapping_add(1);
+        }
+        entries
     }
 
     /// Lays out queue `q` in guest memory and starts it from index `base`.
