@@ -86,6 +86,26 @@ pub(crate) fn device_range(file: &File, request: u64, offset: u64, len: u64) -> 
     Ok(())
 }
 
+/// Writes the dirty page-cache pages of `offset..offset + len` back to the device and waits
+/// for them (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`), retrying on `EINTR`.
+pub(crate) fn write_back_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let offset = libc::off64_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let len = libc::off64_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    loop {
+        // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+        if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// `fallocate(fd, mode, offset, len)`, retrying on `EINTR`.
 pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
