@@ -55,6 +55,11 @@ fn is_root() -> bool {
 #[test]
 fn crash_consistency_short_run() {
     let mut stacks = vec!["file", "file-4k", "crypt", "layered"];
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        stacks.push("qcow2");
+    } else {
+        test_skip::skip("crash consistency on qcow2: qemu-img (qemu-utils) is missing");
+    }
     if is_root() {
         stacks.extend(["blockdev", "blockdev-buffered", "file-on-loop"]);
     } else {

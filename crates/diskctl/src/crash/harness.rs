@@ -33,21 +33,34 @@ pub struct StackDef {
     /// The command creating each image, `{image}` and `{size}` (bytes) substituted; `None`:
     /// a sparse file of the size.
     pub create: Option<&'static str>,
+    /// A consistency check of each image after each kill, `{image}` substituted, which must
+    /// exit 0 (clean) or 3 (`qemu-img check`: leaked clusters only, which a crash may leave).
+    pub image_check: Option<&'static str>,
     /// Run when `--stacks` is not given. The control stacks, which must fail, are not.
     pub by_default: bool,
 }
 
-/// Every stack `cargo xtask crash` runs. A new persistent kind is one more line, e.g.
-/// `StackDef { name: "qcow2", write: "qcow2(file({a}))", check: &["qcow2(file({a}, ro))"],
-/// process_crash_safe: false, create: Some("qemu-img create -q -f qcow2 {image} {size}"),
-/// by_default: true }`.
+/// Every stack `cargo xtask crash` runs. A new persistent kind is one more entry.
 pub const STACKS: &[StackDef] = &[
+    // A qcow2 image made by qemu-img: its metadata cache lives in the process, so acknowledged
+    // writes are owed only once flushed (or FUA); after every kill `qemu-img check` must find
+    // no corruption (leaks allowed).
+    StackDef {
+        name: "qcow2",
+        write: "qcow2({a})",
+        check: &["qcow2({a}, ro)"],
+        process_crash_safe: false,
+        create: Some("qemu-img create -q -f qcow2 {image} {size}"),
+        image_check: Some("qemu-img check -q -f qcow2 {image}"),
+        by_default: true,
+    },
     StackDef {
         name: "file",
         write: "file({a})",
         check: &["file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     StackDef {
@@ -56,6 +69,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["blockdev({loop_a}, ro)", "file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     // Through the page cache. `BLKDISCARD` drops the range's cached pages, dirty ones
@@ -68,6 +82,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["blockdev({loop_a}, ro)", "file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     // The file backend on a block device, through the page cache (it ignores unmap there).
@@ -77,6 +92,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["file({loop_a}, ro)", "file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     StackDef {
@@ -85,6 +101,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["file({a}, ro, sector_size=4096)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     StackDef {
@@ -93,6 +110,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["crypt(file({a}, ro), key={key})"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     StackDef {
@@ -105,6 +123,7 @@ pub const STACKS: &[StackDef] = &[
         ],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: true,
     },
     // The control: a RAM layer over a file keeps every write in the process, so each kill
@@ -115,6 +134,7 @@ pub const STACKS: &[StackDef] = &[
         check: &["file({a}, ro)"],
         process_crash_safe: true,
         create: None,
+        image_check: None,
         by_default: false,
     },
 ];
@@ -355,6 +375,8 @@ fn violation_lines(violations: &[(String, Violation)]) -> Vec<String> {
 struct Images {
     write_spec: String,
     check_specs: Vec<String>,
+    /// The image files made for `{a}` and `{b}`.
+    paths: Vec<PathBuf>,
     dir: PathBuf,
     /// Detached when the iteration ends.
     _loop_device: Option<LoopDevice>,
@@ -366,6 +388,7 @@ impl Images {
             .chain(stack.check.iter().copied())
             .collect();
         let mut values: Vec<(String, String)> = Vec::new();
+        let mut paths = Vec::new();
         for name in ["a", "b"] {
             if !all.contains(&format!("{{{name}}}")) && !all.contains(&format!("{{loop_{name}}}")) {
                 continue;
@@ -373,6 +396,7 @@ impl Images {
             let path = dir.join(format!("{name}.img"));
             create_image(stack, &path, size)?;
             values.push((name.into(), quote(&path.display().to_string())));
+            paths.push(path);
         }
         let mut loop_device = None;
         if all.contains("{loop_a}") {
@@ -398,6 +422,7 @@ impl Images {
         Ok(Self {
             write_spec: fill(stack.write),
             check_specs: stack.check.iter().map(|t| fill(t)).collect(),
+            paths,
             dir: dir.to_path_buf(),
             _loop_device: loop_device,
         })
@@ -431,6 +456,29 @@ fn create_image(stack: &StackDef, path: &Path, size: u64) -> Result<(), String> 
             }
             Ok(())
         }
+    }
+}
+
+/// Runs `command` on `path`; exit 0 (clean) and 3 (leaks only) pass.
+fn check_image(command: &str, path: &Path) -> Result<(), String> {
+    let words: Vec<String> = command
+        .split_whitespace()
+        .map(|word| word.replace("{image}", &path.display().to_string()))
+        .collect();
+    let (program, rest) = words.split_first().ok_or("empty image check command")?;
+    let output = Command::new(program)
+        .args(rest)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    match output.status.code() {
+        Some(0 | 3) => Ok(()),
+        _ => Err(format!(
+            "`{}` found the image inconsistent ({}): {}{}",
+            words.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
     }
 }
 
@@ -518,6 +566,11 @@ fn iterate(
     writer.wait_for_header(&journal_path)?;
     std::thread::sleep(delay);
     writer.kill()?;
+    if let Some(command) = stack.image_check {
+        for path in &images.paths {
+            check_image(command, path)?;
+        }
+    }
     let records = journal::read(&journal_path).map_err(|e| crate::stack::error_chain(&e))?;
     let model = Model::new(&records).map_err(|e| format!("the journal is inconsistent: {e}"))?;
     let mut violations = Vec::new();
