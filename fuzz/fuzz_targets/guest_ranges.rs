@@ -51,7 +51,9 @@ impl Len {
     fn get(&self) -> usize {
         match *self {
             Len::Small(n) => usize::from(n) % (3 * PAGE_SIZE),
-            Len::Pages(pages, delta) => (usize::from(pages % 20) * PAGE_SIZE).saturating_add_signed(delta.into()),
+            Len::Pages(pages, delta) => {
+                (usize::from(pages % 20) * PAGE_SIZE).saturating_add_signed(delta.into())
+            }
             Len::Raw(n) => n,
         }
     }
@@ -91,7 +93,10 @@ fn mapped(gpn: u64) -> bool {
 fn position(gpns: &[u64], offset: usize, i: usize) -> (u64, u128) {
     let at = offset + i;
     let gpn = gpns[at / PAGE_SIZE];
-    (gpn, u128::from(gpn) * PAGE_SIZE as u128 + (at % PAGE_SIZE) as u128)
+    (
+        gpn,
+        u128::from(gpn) * PAGE_SIZE as u128 + (at % PAGE_SIZE) as u128,
+    )
 }
 
 /// The model's runs of `len` bytes at `offset` into `gpns`: `Ok((gpa, len))`, and one `Err`
@@ -147,14 +152,25 @@ fn check_range(range: &PagedRange<'_>, gpns: &[u64], offset: usize, len: usize) 
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let (Ok(gpns), Ok(offset), Ok(len)) = (u.arbitrary::<Vec<Gpn>>(), u.arbitrary::<Len>(), u.arbitrary::<Len>()) else {
+    let (Ok(gpns), Ok(offset), Ok(len)) = (
+        u.arbitrary::<Vec<Gpn>>(),
+        u.arbitrary::<Len>(),
+        u.arbitrary::<Len>(),
+    ) else {
         return;
     };
     let gpns: Vec<u64> = gpns.iter().take(64).map(Gpn::get).collect();
     let (offset, len) = (offset.get(), len.get());
-    let fits = offset.checked_add(len).is_some_and(|end| end <= gpns.len() * PAGE_SIZE);
+    let fits = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= gpns.len() * PAGE_SIZE);
     let range = PagedRange::new(offset, len, &gpns);
-    assert_eq!(range.is_some(), fits, "new({offset}, {len}) over {} pages", gpns.len());
+    assert_eq!(
+        range.is_some(),
+        fits,
+        "new({offset}, {len}) over {} pages",
+        gpns.len()
+    );
     let Some(range) = range else { return };
     check_range(&range, &gpns, offset, len);
 
@@ -166,15 +182,29 @@ fuzz_target!(|data: &[u8]| {
         let mut writer = range.writer(mem);
         let mut written = 0;
         while !u.is_empty() {
-            let Ok(step) = Step::arbitrary(&mut u) else { break };
+            let Ok(step) = Step::arbitrary(&mut u) else {
+                break;
+            };
             match step {
-                Step::Subrange { offset: sub_offset, len: sub_len } => {
+                Step::Subrange {
+                    offset: sub_offset,
+                    len: sub_len,
+                } => {
                     let (sub_offset, sub_len) = (sub_offset.get(), sub_len.get());
                     let sub = range.try_subrange(sub_offset, sub_len);
-                    let fits = sub_offset.checked_add(sub_len).is_some_and(|end| end <= len);
-                    assert_eq!(sub.is_some(), fits, "subrange({sub_offset}, {sub_len}) of {len} bytes");
+                    let fits = sub_offset
+                        .checked_add(sub_len)
+                        .is_some_and(|end| end <= len);
+                    assert_eq!(
+                        sub.is_some(),
+                        fits,
+                        "subrange({sub_offset}, {sub_len}) of {len} bytes"
+                    );
                     if let Some(sub) = sub {
-                        assert_eq!(Some(sub), PagedRange::new(offset + sub_offset, sub_len, &gpns));
+                        assert_eq!(
+                            Some(sub),
+                            PagedRange::new(offset + sub_offset, sub_len, &gpns)
+                        );
                         check_range(&sub, &gpns, offset + sub_offset, sub_len);
                     }
                 }
@@ -191,7 +221,11 @@ fuzz_target!(|data: &[u8]| {
                         }
                         read_at += n;
                     }
-                    assert_eq!(reader.len(), len - read_at, "a failed read consumes nothing");
+                    assert_eq!(
+                        reader.len(),
+                        len - read_at,
+                        "a failed read consumes nothing"
+                    );
                 }
                 Step::Skip(n) => {
                     let n = n.get();
@@ -217,7 +251,11 @@ fuzz_target!(|data: &[u8]| {
                         written += n;
                     }
                     check_memory(mem, bytes, &before, ok);
-                    assert_eq!(writer.len(), len - written, "a failed write consumes nothing");
+                    assert_eq!(
+                        writer.len(),
+                        len - written,
+                        "a failed write consumes nothing"
+                    );
                 }
                 Step::Fill { len: n, value } => {
                     let n = n.get() % (4 * PAGE_SIZE);
@@ -250,7 +288,10 @@ fn check_memory(mem: &GuestMemory, bytes: &[u8], before: &[u8], ok: bool) {
         for gpn in pages {
             let at = gpn as usize * PAGE_SIZE;
             mem.read_at(at as u64, &mut actual).unwrap();
-            assert!(actual == bytes[at..at + PAGE_SIZE], "page {gpn} differs from the model");
+            assert!(
+                actual == bytes[at..at + PAGE_SIZE],
+                "page {gpn} differs from the model"
+            );
         }
     }
 }

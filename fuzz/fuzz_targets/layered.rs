@@ -15,6 +15,7 @@ use futures::executor::block_on;
 use libfuzzer_sys::fuzz_target;
 use reference::{LayerPlan, SS, Stack, StackPlan, sector_data};
 use request_buffers::OwnedRequestBuffers;
+use std::sync::OnceLock;
 
 /// A sector number: usually near the disk (where the interesting edges are), sometimes
 /// anything at all.
@@ -26,10 +27,28 @@ enum Sector {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Read { sector: Sector, sectors: u8 },
-    Write { sector: Sector, sectors: u8, seed: u8, fua: bool },
-    Unmap { sector: Sector, count: Sector },
+    Read {
+        sector: Sector,
+        sectors: u8,
+    },
+    Write {
+        sector: Sector,
+        sectors: u8,
+        seed: u8,
+        fua: bool,
+    },
+    Unmap {
+        sector: Sector,
+        count: Sector,
+    },
     Flush,
+}
+
+/// `sector_data` for every seed, computed once: building write data byte by byte took most
+/// of each input's time.
+fn patterns() -> &'static [Vec<u8>] {
+    static PATTERNS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    PATTERNS.get_or_init(|| (0..=255).map(sector_data).collect())
 }
 
 fn plan(u: &mut Unstructured<'_>) -> arbitrary::Result<StackPlan> {
@@ -62,14 +81,19 @@ fn accepted(sector: u64, count: u64, sector_count: u64) -> bool {
     if count == 0 {
         return sector <= (i64::MAX as u64) / SS as u64;
     }
-    sector.checked_add(count).is_some_and(|end| end <= sector_count)
+    sector
+        .checked_add(count)
+        .is_some_and(|end| end <= sector_count)
 }
 
 fn check(what: &str, result: Result<(), DiskError>, accept: bool) -> bool {
     match (result, accept) {
         (Ok(()), true) => true,
         (Err(DiskError::IllegalBlock), false) => false,
-        (result, accept) => panic!("{what}: expected {}, got {result:?}", if accept { "success" } else { "IllegalBlock" }),
+        (result, accept) => panic!(
+            "{what}: expected {}, got {result:?}",
+            if accept { "success" } else { "IllegalBlock" }
+        ),
     }
 }
 
@@ -92,13 +116,25 @@ fuzz_target!(|data: &[u8]| {
                 let buf = OwnedRequestBuffers::new(sectors as usize * SS);
                 let result = block_on(stack.disk.read_vectored(&buf.buffers(true), sector));
                 if check("read", result, accepted(sector, sectors, sector_count)) && sectors > 0 {
-                    assert!(buf.to_vec() == stack.expect_read(sector, sectors), "read {sectors} at {sector}: wrong data");
+                    assert!(
+                        buf.to_vec() == stack.expect_read(sector, sectors),
+                        "read {sectors} at {sector}: wrong data"
+                    );
                 }
             }
-            Op::Write { sector, sectors, seed, fua } => {
+            Op::Write {
+                sector,
+                sectors,
+                seed,
+                fua,
+            } => {
                 let sector = resolve(&sector);
                 let sectors = sectors as u64 % 65;
-                let bytes: Vec<u8> = (0..sectors).flat_map(|i| sector_data(seed.wrapping_add(i as u8))).collect();
+                let patterns = patterns();
+                let mut bytes = Vec::with_capacity(sectors as usize * SS);
+                for i in 0..sectors {
+                    bytes.extend_from_slice(&patterns[usize::from(seed.wrapping_add(i as u8))]);
+                }
                 let buf = OwnedRequestBuffers::from_slice(&bytes);
                 let result = block_on(stack.disk.write_vectored(&buf.buffers(false), sector, fua));
                 if check("write", result, accepted(sector, sectors, sector_count)) && sectors > 0 {

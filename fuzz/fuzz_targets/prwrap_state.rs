@@ -25,14 +25,24 @@ fn seal(payload: &[u8]) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let bytes = if mode & 1 == 0 { rest.to_vec() } else { seal(rest) };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let bytes = if mode & 1 == 0 {
+        rest.to_vec()
+    } else {
+        seal(rest)
+    };
     let Ok(state) = decode(&bytes) else { return };
     let encoded = state.encode();
-    let again = decode(&encoded).unwrap_or_else(|e| panic!("the re-encoded file does not decode: {e}"));
+    let again =
+        decode(&encoded).unwrap_or_else(|e| panic!("the re-encoded file does not decode: {e}"));
     assert_eq!(again, state, "decode -> encode -> decode changed the state");
     assert_eq!(again.encode(), encoded, "encoding is not stable");
     if state.persists() {
-        assert_eq!(encoded, bytes, "a persistent state re-encodes to other bytes");
+        assert_eq!(
+            encoded, bytes,
+            "a persistent state re-encodes to other bytes"
+        );
     }
 });

@@ -22,7 +22,11 @@ fn round_trip(tree: &DiskSpec, source: &str) {
         .parse()
         .unwrap_or_else(|e| panic!("{source:?} printed as {printed:?}, which does not parse: {e}"));
     assert_eq!(&reparsed, tree, "{source:?} printed as {printed:?}");
-    assert_eq!(reparsed.to_string(), printed, "the canonical form is stable");
+    assert_eq!(
+        reparsed.to_string(),
+        printed,
+        "the canonical form is stable"
+    );
     check_values(tree);
 }
 
@@ -46,7 +50,9 @@ fn check_values(tree: &DiskSpec) {
 fn identifier(u: &mut Unstructured<'_>) -> arbitrary::Result<String> {
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_-ABZ";
     let len = u.int_in_range(1..=8usize)?;
-    (0..len).map(|_| u.choose(CHARS).map(|&c| char::from(c))).collect()
+    (0..len)
+        .map(|_| u.choose(CHARS).map(|&c| char::from(c)))
+        .collect()
 }
 
 /// Text made mostly of the grammar's own punctuation, so that quoting is exercised.
@@ -55,7 +61,8 @@ fn text(u: &mut Unstructured<'_>) -> arbitrary::Result<String> {
         return u.arbitrary();
     }
     const PIECES: &[&str] = &[
-        "a", "ram", "64k", "/tmp/x", "\"", "\\", "(", ")", ",", "=", ":", " ", "\t", "\n", "é", "\u{a0}", "",
+        "a", "ram", "64k", "/tmp/x", "\"", "\\", "(", ")", ",", "=", ":", " ", "\t", "\n", "é",
+        "\u{a0}", "",
     ];
     let len = u.int_in_range(0..=6usize)?;
     let mut text = String::new();
@@ -68,7 +75,11 @@ fn text(u: &mut Unstructured<'_>) -> arbitrary::Result<String> {
 fn tree(u: &mut Unstructured<'_>, depth: usize) -> arbitrary::Result<DiskSpec> {
     let mut spec = DiskSpec::new(identifier(u)?);
     for _ in 0..u.int_in_range(0..=4usize)? {
-        let name = if u.arbitrary()? { Some(identifier(u)?) } else { None };
+        let name = if u.arbitrary()? {
+            Some(identifier(u)?)
+        } else {
+            None
+        };
         let value = if depth < MAX_TREE_DEPTH && u.ratio(1, 3)? {
             SpecValue::Disk(tree(u, depth + 1)?)
         } else {
@@ -80,9 +91,13 @@ fn tree(u: &mut Unstructured<'_>, depth: usize) -> arbitrary::Result<DiskSpec> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     if mode & 1 == 0 {
-        let Ok(source) = std::str::from_utf8(rest) else { return };
+        let Ok(source) = std::str::from_utf8(rest) else {
+            return;
+        };
         if let Ok(tree) = source.parse::<DiskSpec>() {
             round_trip(&tree, source);
         }

@@ -31,7 +31,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use vhost::vhost_user::VhostUserBackendReqHandler;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserVringAddrFlags};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserVringAddrFlags,
+};
 use vhost_user_blk::memory::{MemoryRegion, MemoryTable, decode_mem_table};
 use vhost_user_blk::{VhostUserBlk, serve_connection};
 use virtio_block::BlockConfig;
@@ -60,17 +62,27 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let disk = Disk::new(RamDisk::new(SECTORS, 512).unwrap()).unwrap();
-        let config = BlockConfig { num_queues: QUEUES, queue_size: QUEUE_MAX, ..Default::default() };
+        let config = BlockConfig {
+            num_queues: QUEUES,
+            queue_size: QUEUE_MAX,
+            ..Default::default()
+        };
         let backend = Arc::new(VhostUserBlk::new(disk, config).unwrap());
         let files = (0..FILES)
             .map(|_| {
-                let fd = nix::sys::memfd::memfd_create("guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+                let fd =
+                    nix::sys::memfd::memfd_create("guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                        .unwrap();
                 let file = File::from(fd);
                 file.set_len(FILE_PAGES * PAGE).unwrap();
                 file
             })
             .collect();
-        Fixture { backend, files, stop: UnixStream::pair().unwrap() }
+        Fixture {
+            backend,
+            files,
+            stop: UnixStream::pair().unwrap(),
+        }
     })
 }
 
@@ -108,19 +120,42 @@ struct Region {
 #[derive(Debug, Arbitrary)]
 enum Call {
     SetMemTable(Vec<Region>),
-    SetVringNum { index: u8, num: u32 },
-    SetVringAddr { index: u8, desc: Addr, avail: Addr, used: Addr },
-    SetVringBase { index: u8, base: u32 },
+    SetVringNum {
+        index: u8,
+        num: u32,
+    },
+    SetVringAddr {
+        index: u8,
+        desc: Addr,
+        avail: Addr,
+        used: Addr,
+    },
+    SetVringBase {
+        index: u8,
+        base: u32,
+    },
     GetVringBase(u8),
     SetVringKick(u8),
     SetVringCall(u8),
-    SetVringEnable { index: u8, enable: bool },
+    SetVringEnable {
+        index: u8,
+        enable: bool,
+    },
     SetFeatures(u64),
     SetProtocolFeatures(u64),
-    GetConfig { offset: u16, size: u16 },
-    SetConfig { offset: u16, bytes: Vec<u8> },
+    GetConfig {
+        offset: u16,
+        size: u16,
+    },
+    SetConfig {
+        offset: u16,
+        bytes: Vec<u8>,
+    },
     Translate(Addr),
-    Poke { at: Addr, bytes: [u8; 8] },
+    Poke {
+        at: Addr,
+        bytes: [u8; 8],
+    },
     ResetDevice,
 }
 
@@ -149,14 +184,19 @@ struct Model {
 
 fn check_translation(table: &MemoryTable, user_addr: u64) {
     let holder = table.regions().iter().find(|r| {
-        user_addr.checked_sub(r.user_addr).is_some_and(|offset| offset < r.memory_size)
+        user_addr
+            .checked_sub(r.user_addr)
+            .is_some_and(|offset| offset < r.memory_size)
     });
     let gpa = table.translate(user_addr);
     match (holder, gpa) {
         (None, None) => {}
         (Some(region), Some(gpa)) => {
             assert_eq!(gpa, region.guest_phys_addr + (user_addr - region.user_addr));
-            table.memory().check_range(gpa, 1, true).expect("a translated address is mapped");
+            table
+                .memory()
+                .check_range(gpa, 1, true)
+                .expect("a translated address is mapped");
         }
         (holder, gpa) => panic!("{user_addr:#x}: held by {holder:?}, translated to {gpa:?}"),
     }
@@ -164,7 +204,11 @@ fn check_translation(table: &MemoryTable, user_addr: u64) {
 
 fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
     let backend = &fixture.backend;
-    let mut model = Model { table: None, rings: [None; QUEUES as usize], sizes: [QUEUE_MAX; QUEUES as usize] };
+    let mut model = Model {
+        table: None,
+        rings: [None; QUEUES as usize],
+        sizes: [QUEUE_MAX; QUEUES as usize],
+    };
     while !u.is_empty() {
         let Ok(call) = Call::arbitrary(u) else { break };
         match call {
@@ -187,12 +231,22 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                 let expected = MemoryTable::map(&regions, &owned);
                 let messages: Vec<VhostUserMemoryRegion> = regions
                     .iter()
-                    .map(|r| VhostUserMemoryRegion::new(r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset))
+                    .map(|r| {
+                        VhostUserMemoryRegion::new(
+                            r.guest_phys_addr,
+                            r.memory_size,
+                            r.user_addr,
+                            r.mmap_offset,
+                        )
+                    })
                     .collect();
                 let result = backend.set_mem_table(&messages, owned, None);
                 match expected {
                     Ok(table) => model.table = Some(table),
-                    Err(e) => assert!(result.is_err(), "the backend accepted a table `map` refuses: {e}"),
+                    Err(e) => assert!(
+                        result.is_err(),
+                        "the backend accepted a table `map` refuses: {e}"
+                    ),
                 }
             }
             Call::SetVringNum { index, num } => {
@@ -203,8 +257,17 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                     model.sizes[usize::from(index % 3)] = num as u16;
                 }
             }
-            Call::SetVringAddr { index, desc, avail, used } => {
-                let addresses = [desc.get(USER_BASE), avail.get(USER_BASE), used.get(USER_BASE)];
+            Call::SetVringAddr {
+                index,
+                desc,
+                avail,
+                used,
+            } => {
+                let addresses = [
+                    desc.get(USER_BASE),
+                    avail.get(USER_BASE),
+                    used.get(USER_BASE),
+                ];
                 let index = index % 3;
                 let _ = backend.set_vring_addr(
                     u32::from(index),
@@ -247,7 +310,11 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                 if let Ok(bytes) = result {
                     assert_eq!(bytes.len(), size as usize);
                     if offset == 0 && size >= 8 {
-                        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), SECTORS, "capacity");
+                        assert_eq!(
+                            u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+                            SECTORS,
+                            "capacity"
+                        );
                     }
                 }
             }
@@ -255,7 +322,12 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                 let offset = u32::from(offset % 0x120);
                 let result = backend.set_config(offset, &bytes, VhostUserConfigFlags::empty());
                 let inside = u64::from(offset) + bytes.len() as u64 <= CONFIG_LIMIT;
-                assert_eq!(result.is_ok(), inside, "set_config({offset}, {} bytes)", bytes.len());
+                assert_eq!(
+                    result.is_ok(),
+                    inside,
+                    "set_config({offset}, {} bytes)",
+                    bytes.len()
+                );
             }
             Call::Translate(addr) => {
                 if let Some(table) = &model.table {
@@ -283,19 +355,33 @@ fn check_rings(backend: &VhostUserBlk, model: &Model) {
         if !backend.is_running(queue) {
             continue;
         }
-        let table = model.table.as_ref().expect("a running ring without a memory table");
+        let table = model
+            .table
+            .as_ref()
+            .expect("a running ring without a memory table");
         let [desc, avail, used] = model.rings[queue].expect("a running ring without addresses");
         let size = u64::from(model.sizes[queue]);
-        for (user_addr, len) in [(desc, 16 * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)] {
+        for (user_addr, len) in [
+            (desc, 16 * size),
+            (avail, 6 + 2 * size),
+            (used, 6 + 8 * size),
+        ] {
             check_translation(table, user_addr);
-            let gpa = table.translate(user_addr).expect("a running ring's address translates");
-            table.memory().check_range(gpa, len as usize, true).expect("a running ring is inside guest memory");
+            let gpa = table
+                .translate(user_addr)
+                .expect("a running ring's address translates");
+            table
+                .memory()
+                .check_range(gpa, len as usize, true)
+                .expect("a running ring is inside guest memory");
         }
     }
 }
 
 fn run_bytes(u: &mut Unstructured<'_>, fixture: &Fixture) {
-    let Ok(messages) = u.arbitrary::<Vec<Message>>() else { return };
+    let Ok(messages) = u.arbitrary::<Vec<Message>>() else {
+        return;
+    };
     let (frontend, backend_end) = UnixStream::pair().unwrap();
     for message in messages.iter().take(32) {
         let request = u32::from(message.request % 48);
@@ -322,7 +408,15 @@ fn run_bytes(u: &mut Unstructured<'_>, fixture: &Fixture) {
         let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         let rights = [ControlMessage::ScmRights(&raw)];
         let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-        if sendmsg::<()>(frontend.as_raw_fd(), &[IoSlice::new(&bytes)], control, MsgFlags::empty(), None).is_err() {
+        if sendmsg::<()>(
+            frontend.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            control,
+            MsgFlags::empty(),
+            None,
+        )
+        .is_err()
+        {
             break;
         }
     }
@@ -335,10 +429,13 @@ fn run_bytes(u: &mut Unstructured<'_>, fixture: &Fixture) {
 fuzz_target!(|data: &[u8]| {
     let fixture = fixture();
     for file in &fixture.files {
-        file.write_all_at(&[0; (FILE_PAGES * PAGE) as usize], 0).unwrap();
+        file.write_all_at(&[0; (FILE_PAGES * PAGE) as usize], 0)
+            .unwrap();
     }
     let mut u = Unstructured::new(data);
-    let Ok(bytes_mode) = u.arbitrary::<bool>() else { return };
+    let Ok(bytes_mode) = u.arbitrary::<bool>() else {
+        return;
+    };
     if bytes_mode {
         run_bytes(&mut u, fixture);
     } else {
