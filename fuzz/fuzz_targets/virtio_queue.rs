@@ -24,9 +24,21 @@ const MAX_SIZE: u16 = 16;
 #[derive(Debug, Arbitrary)]
 enum Step {
     /// The driver scribbles anywhere but the used ring (tables, rings, buffers).
-    Poke { at: u16, bytes: [u8; 8] },
-    Descriptor { index: u8, addr: u16, far: bool, len: u16, flags: u8, next: u8 },
-    Publish { head: u8 },
+    Poke {
+        at: u16,
+        bytes: [u8; 8],
+    },
+    Descriptor {
+        index: u8,
+        addr: u16,
+        far: bool,
+        len: u16,
+        flags: u8,
+        next: u8,
+    },
+    Publish {
+        head: u8,
+    },
     SetAvailIdx(u16),
     SetUsedEvent(u16),
     Pop,
@@ -34,9 +46,15 @@ enum Step {
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let Ok(size_shift) = u.int_in_range(0..=4u32) else { return };
+    let Ok(size_shift) = u.int_in_range(0..=4u32) else {
+        return;
+    };
     let size = 1u16 << size_shift;
-    let (Ok(indirect), Ok(event_idx), Ok(start)) = (u.arbitrary::<bool>(), u.arbitrary::<bool>(), u.arbitrary::<u16>()) else {
+    let (Ok(indirect), Ok(event_idx), Ok(start)) = (
+        u.arbitrary::<bool>(),
+        u.arbitrary::<bool>(),
+        u.arbitrary::<u16>(),
+    ) else {
         return;
     };
     let mem = GuestMemory::allocate(MEM);
@@ -49,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
         used_ring: USED,
     };
     // Resume from arbitrary indices, as after a restore; the driver's copy agrees.
-    let state = QueueState { next_avail: start, next_used: start };
+    let state = QueueState {
+        next_avail: start,
+        next_used: start,
+    };
     mem.write_plain(AVAIL + 2, &U16::new(start)).unwrap();
     mem.write_plain(USED + 2, &U16::new(start)).unwrap();
     let mut queue = SplitQueue::new(mem.clone(), &config, state, indirect, event_idx).unwrap();
@@ -57,7 +78,9 @@ fuzz_target!(|data: &[u8]| {
     let mut popped = 0u16;
     let mut stopped = false;
     while !u.is_empty() && !stopped {
-        let Ok(step) = Step::arbitrary(&mut u) else { break };
+        let Ok(step) = Step::arbitrary(&mut u) else {
+            break;
+        };
         match step {
             Step::Poke { at, bytes } => {
                 // Everything but the used ring page, which only the device writes.
@@ -65,14 +88,26 @@ fuzz_target!(|data: &[u8]| {
                 let at = if at + 8 > USED { at + 0x1000 + 8 } else { at };
                 let _ = mem.write_at(at, &bytes);
             }
-            Step::Descriptor { index, addr, far, len, flags, next } => {
-                let addr = if far { u64::from(addr) << 40 | 0xfff } else { u64::from(addr) };
+            Step::Descriptor {
+                index,
+                addr,
+                far,
+                len,
+                flags,
+                next,
+            } => {
+                let addr = if far {
+                    u64::from(addr) << 40 | 0xfff
+                } else {
+                    u64::from(addr)
+                };
                 let desc = Descriptor::new(addr, len.into(), (flags & 7).into(), next.into());
                 let _ = mem.write_plain(DESC + 16 * u64::from(index % MAX_SIZE as u8), &desc);
             }
             Step::Publish { head } => {
                 let slot = u64::from(driver_avail % size);
-                mem.write_plain(AVAIL + 4 + 2 * slot, &U16::new(head.into())).unwrap();
+                mem.write_plain(AVAIL + 4 + 2 * slot, &U16::new(head.into()))
+                    .unwrap();
                 driver_avail = driver_avail.wrapping_add(1);
                 mem.write_plain(AVAIL + 2, &U16::new(driver_avail)).unwrap();
             }
@@ -81,12 +116,16 @@ fuzz_target!(|data: &[u8]| {
                 mem.write_plain(AVAIL + 2, &U16::new(idx)).unwrap();
             }
             Step::SetUsedEvent(idx) => {
-                mem.write_plain(AVAIL + 4 + 2 * u64::from(size), &U16::new(idx)).unwrap();
+                mem.write_plain(AVAIL + 4 + 2 * u64::from(size), &U16::new(idx))
+                    .unwrap();
             }
             Step::Pop => loop {
                 match queue.pop() {
                     Ok(Some(chain)) => {
-                        assert!(chain.segments().len() <= usize::from(size), "chain longer than the queue");
+                        assert!(
+                            chain.segments().len() <= usize::from(size),
+                            "chain longer than the queue"
+                        );
                         queue.add_used(chain.head(), 0).unwrap();
                         popped = popped.wrapping_add(1);
                     }
@@ -112,7 +151,18 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let state = queue.state();
-    assert_eq!(state.next_avail.wrapping_sub(start), popped, "consumed what was popped");
-    assert_eq!(state.next_used.wrapping_sub(start), popped, "every consumed head returned");
-    assert_eq!(mem.read_plain::<U16>(USED + 2).unwrap().get(), state.next_used);
+    assert_eq!(
+        state.next_avail.wrapping_sub(start),
+        popped,
+        "consumed what was popped"
+    );
+    assert_eq!(
+        state.next_used.wrapping_sub(start),
+        popped,
+        "every consumed head returned"
+    );
+    assert_eq!(
+        mem.read_plain::<U16>(USED + 2).unwrap().get(),
+        state.next_used
+    );
 });

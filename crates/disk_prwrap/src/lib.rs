@@ -123,6 +123,8 @@ mod state_file;
 
 pub use initiator::InitiatorDisk;
 pub use resolve::PrWrapResolver;
+#[doc(hidden)]
+pub use state_file::codec as state_file_codec;
 pub use state_file::{DecodeStateError, LoadStateError};
 
 use disk_backend::Disk;

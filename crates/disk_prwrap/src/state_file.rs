@@ -298,6 +298,36 @@ pub(crate) fn save(path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The state file's decoder and encoder for the fuzz target (`fuzz/fuzz_targets/prwrap_state.rs`),
+/// which checks that whatever decodes re-encodes to a file that decodes to the same state.
+/// Not part of the crate's interface: the state itself stays private.
+#[doc(hidden)]
+pub mod codec {
+    use super::{DecodeStateError, ReservationState};
+
+    /// A decoded state file, opaque but comparable.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct DecodedState(ReservationState);
+
+    impl DecodedState {
+        /// Whether the state persists through power loss (APTPL): only then does the file
+        /// keep registrations and the reservation.
+        pub fn persists(&self) -> bool {
+            self.0.ptpl
+        }
+
+        /// The file the wrapper would write for this state.
+        pub fn encode(&self) -> Vec<u8> {
+            super::encode(&self.0)
+        }
+    }
+
+    /// Decodes state file bytes exactly as loading a state file does.
+    pub fn decode(bytes: &[u8]) -> Result<DecodedState, DecodeStateError> {
+        super::decode(bytes).map(DecodedState)
+    }
+}
+
 /// SPC-4's TYPE codes.
 fn type_code(reservation_type: ReservationType) -> u8 {
     match reservation_type {

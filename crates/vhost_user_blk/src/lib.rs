@@ -5,7 +5,7 @@
 //! guest and shares its memory and doorbells; this process (the *backend*) owns the
 //! virtqueues and the disk. The `vhost` crate decodes the protocol; this crate answers it:
 //!
-//! - [`memory`]: `SET_MEM_TABLE`'s file descriptors mapped into one
+//! - [`memory`]: `SET_MEM_TABLE`'s body decoded and its file descriptors mapped into one
 //!   [`GuestMemory`](guestmem::GuestMemory), and the frontend's ring addresses translated to
 //!   guest physical addresses through that table.
 //! - [`VhostUserBlk`]: features and protocol features, ring size, addresses, base, kick,

@@ -20,6 +20,40 @@ pub struct MemoryRegion {
     pub mmap_offset: u64,
 }
 
+/// Size of one region in a `SET_MEM_TABLE` body: address, size, user address, file offset.
+pub const REGION_BYTES: usize = 32;
+
+/// The regions of a `SET_MEM_TABLE` message body: a 32-bit region count, 4 bytes of
+/// padding, then [`REGION_BYTES`] per region (guest physical address, size, user address,
+/// file offset, each 64-bit little-endian). Regions past the count are ignored (User-Mode
+/// Linux always sends room for two); `None` if the count is 0, above `max_regions`, or
+/// larger than the body holds.
+///
+/// The server decodes every `SET_MEM_TABLE` with this; it is public so that the fuzz target
+/// (`fuzz/fuzz_targets/vhost_user_messages.rs`) reaches the same code without a socket.
+pub fn decode_mem_table(body: &[u8], max_regions: usize) -> Option<Vec<MemoryRegion>> {
+    let count = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    if count == 0 || count > max_regions {
+        return None;
+    }
+    let table = body.get(8..8 + count * REGION_BYTES)?;
+    let regions = table
+        .chunks_exact(REGION_BYTES)
+        .map(|region| {
+            let field = |i: usize| {
+                u64::from_le_bytes(region[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            };
+            MemoryRegion {
+                guest_phys_addr: field(0),
+                memory_size: field(1),
+                user_addr: field(2),
+                mmap_offset: field(3),
+            }
+        })
+        .collect();
+    Some(regions)
+}
+
 /// Mapping a memory table failed. The old table, if any, stays in use.
 #[derive(Debug, Error)]
 pub enum MapMemoryError {
@@ -188,6 +222,35 @@ mod tests {
         // Both regions are really mapped: a write through one is visible in the file.
         table.memory().write_plain(1 << 32, &7u32).expect("write");
         assert_eq!(table.memory().read_plain::<u32>(1 << 32).expect("read"), 7);
+    }
+
+    #[test]
+    fn mem_table_bodies_decode() {
+        let mut body = vec![0u8; 8 + 2 * REGION_BYTES];
+        body[0] = 1;
+        for (i, field) in [0x1000u64, 0x2000, 0x7f00_0000_0000, 0x3000]
+            .iter()
+            .enumerate()
+        {
+            body[8 + 8 * i..16 + 8 * i].copy_from_slice(&field.to_le_bytes());
+        }
+        // The second region's room is ignored, as User-Mode Linux sends it.
+        assert_eq!(
+            decode_mem_table(&body, 8),
+            Some(vec![region(0x1000, 0x2000, 0x7f00_0000_0000, 0x3000)])
+        );
+        body[0] = 2;
+        assert_eq!(decode_mem_table(&body, 8).map(|r| r.len()), Some(2));
+        assert_eq!(
+            decode_mem_table(&body, 1),
+            None,
+            "more regions than allowed"
+        );
+        body[0] = 3;
+        assert_eq!(decode_mem_table(&body, 8), None, "count past the body");
+        body[0] = 0;
+        assert_eq!(decode_mem_table(&body, 8), None, "no region");
+        assert_eq!(decode_mem_table(&body[..3], 8), None, "no count");
     }
 
     #[test]

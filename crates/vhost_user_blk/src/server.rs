@@ -8,7 +8,7 @@
 //! accepting, ends the current connection the same way and returns.
 
 use crate::backend::{DEFAULT_POLL_MAX, VhostUserBlk};
-use crate::memory::MemoryRegion;
+use crate::memory::decode_mem_table;
 use disk_backend::{Disk, DiskError};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -34,8 +34,6 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// The largest message body the protocol allows.
 const MAX_BODY_BYTES: usize = 0x1000;
-/// Size of one region in `SET_MEM_TABLE`: address, size, user address, file offset.
-const REGION_BYTES: usize = 32;
 /// Size of a vhost-user message header: request, flags, size.
 const HEADER_BYTES: usize = 12;
 /// The most file descriptors one vhost-user message carries.
@@ -319,24 +317,10 @@ fn set_mem_table(handler: &VhostUserBlk, stream: &UnixStream) -> vhost::vhost_us
     }
     let mut body = vec![0u8; size];
     std::io::Read::read_exact(&mut &*stream, &mut body).map_err(|_| Error::PartialMessage)?;
-    let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
-    if count == 0 || count > MAX_FDS || size < 8 + count * REGION_BYTES || files.len() != count {
+    let regions = decode_mem_table(&body, MAX_FDS).ok_or(Error::InvalidMessage)?;
+    if files.len() != regions.len() {
         return Err(Error::InvalidMessage);
     }
-    let regions: Vec<MemoryRegion> = body[8..8 + count * REGION_BYTES]
-        .chunks_exact(REGION_BYTES)
-        .map(|region| {
-            let field = |i: usize| {
-                u64::from_le_bytes(region[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
-            };
-            MemoryRegion {
-                guest_phys_addr: field(0),
-                memory_size: field(1),
-                user_addr: field(2),
-                mmap_offset: field(3),
-            }
-        })
-        .collect();
     let result = handler.map_memory(&regions, &files);
     if flags & FLAG_NEED_REPLY != 0 && handler.reply_ack() {
         let mut reply = [0u8; HEADER_BYTES + 8];
