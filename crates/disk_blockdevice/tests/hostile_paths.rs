@@ -4,7 +4,7 @@
 //! `O_DIRECT` open failing before the type was looked at).
 
 use disk_backend::resolve::{DiskSpec, Resolver};
-use disk_conformance::host::{error_chain, make_fifo, without_hanging};
+use disk_conformance::host::{assert_one_line_error, error_chain, make_fifo, without_hanging};
 
 fn resolve(spec: String) -> Result<disk_backend::Disk, String> {
     without_hanging(&spec.clone(), move || {
@@ -30,11 +30,7 @@ fn non_disks_are_refused_at_once() {
             format!("blockdev({path}, buffered)"),
         ] {
             let error = resolve(spec.clone()).unwrap_err();
-            assert!(!error.contains('\n'), "{spec}: {error}");
-            assert!(
-                error.contains(&format!("{path} is a {kind}")),
-                "{spec}: {error}"
-            );
+            assert_one_line_error(&spec, &error, &format!("{path} is a {kind}"));
         }
     }
 }

@@ -36,6 +36,14 @@ pub fn make_fifo(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// Checks that `error`, what resolving `spec` gave, is one line that contains `fragment`
+/// (the path and what is wrong with it, say).
+#[track_caller]
+pub fn assert_one_line_error(spec: &str, error: &str, fragment: &str) {
+    assert!(!error.contains('\n'), "{spec}: {error}");
+    assert!(error.contains(fragment), "{spec}: {error}");
+}
+
 /// `error` and its sources, joined with `: `, as a command line prints them.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();

@@ -3,7 +3,7 @@
 //! bound (1 GB in 3 s) before the length check.
 
 use disk_backend::resolve::{DiskSpec, Resolver};
-use disk_conformance::host::{error_chain, make_fifo, without_hanging};
+use disk_conformance::host::{assert_one_line_error, error_chain, make_fifo, without_hanging};
 
 fn resolve(spec: String) -> Result<disk_backend::Disk, String> {
     without_hanging(&spec.clone(), move || {
@@ -27,11 +27,7 @@ fn key_files_must_be_small_regular_files() {
     ] {
         let spec = format!("crypt(ram, key=@{path})");
         let error = resolve(spec.clone()).unwrap_err();
-        assert!(!error.contains('\n'), "{spec}: {error}");
-        assert!(
-            error.contains(&format!("{path} is a {kind}")),
-            "{spec}: {error}"
-        );
+        assert_one_line_error(&spec, &error, &format!("{path} is a {kind}"));
     }
     // A regular file longer than a key is refused without reading it all.
     let long = dir.path().join("long");

@@ -2,7 +2,7 @@
 //! at once (a FIFO used to block the read of the state until a writer came).
 
 use disk_backend::resolve::{DiskSpec, Resolver};
-use disk_conformance::host::{error_chain, make_fifo, without_hanging};
+use disk_conformance::host::{assert_one_line_error, error_chain, make_fifo, without_hanging};
 
 fn resolve(spec: String) -> Result<disk_backend::Disk, String> {
     without_hanging(&spec.clone(), move || {
@@ -26,11 +26,7 @@ fn state_files_must_be_regular_files() {
     ] {
         let spec = format!("prwrap(ram, state={path})");
         let error = resolve(spec.clone()).unwrap_err();
-        assert!(!error.contains('\n'), "{spec}: {error}");
-        assert!(
-            error.contains(&format!("{path} is a {kind}")),
-            "{spec}: {error}"
-        );
+        assert_one_line_error(&spec, &error, &format!("{path} is a {kind}"));
     }
 }
 
