@@ -79,21 +79,25 @@ const JOBS: [Job; 4] = [
     },
 ];
 
+/// Runs `command` and returns its standard output; what it printed becomes the error if it
+/// fails.
 fn run_output(command: &mut Command) -> Result<String> {
     let out = command
         .output()
         .map_err(|e| format!("{command:?}: cannot start: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "{command:?} failed ({}): {}",
+            "{command:?} failed ({}): {}{}",
             out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn qemu_img(args: &[&str]) -> Result<String> {
+/// `qemu-img ARGS`, its standard output on success.
+pub(crate) fn qemu_img(args: &[&str]) -> Result<String> {
     run_output(Command::new("qemu-img").args(args))
 }
 

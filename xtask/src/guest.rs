@@ -10,6 +10,7 @@
 //! `GUEST-RESIZE-READY` (grow the backing file). A guest that hangs is killed at the timeout
 //! and fails.
 
+use crate::bench_qcow2::qemu_img;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1068,11 +1069,15 @@ impl PinSampler {
 fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> Result<Verdict> {
     create_images(&case.images)?;
     if let Some(image) = &case.qcow2 {
-        qemu_img(
-            &["create", "-q", "-f", "qcow2"],
+        let image = image.to_str().ok_or("path is not UTF-8")?;
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
             image,
-            &[&DISK_BYTES.to_string()],
-        )?;
+            &DISK_BYTES.to_string(),
+        ])?;
     }
     let socket = dir.join(format!("{}.sock", case.name));
     let log = dir.join(format!("{}.log", case.name));
@@ -1177,7 +1182,10 @@ fn run_case(case: &Case, guest: &Guest, diskctl: Option<&Path>, dir: &Path) -> R
         verdict.passed &= result.is_ok();
     }
     if let Some(image) = &case.qcow2 {
-        let result = qemu_img(&["check", "-q", "-f", "qcow2"], image, &[]);
+        let result = match image.to_str() {
+            Some(image) => qemu_img(&["check", "-q", "-f", "qcow2", image]).map(drop),
+            None => Err("path is not UTF-8".to_string()),
+        };
         verdict.checks.push(match &result {
             Ok(()) => "HOST-CHECK qemu-img-check ok".into(),
             Err(e) => format!("HOST-CHECK qemu-img-check FAIL: {e}"),
@@ -1250,27 +1258,6 @@ fn count_marked(file: &std::fs::File) -> Result<usize> {
         area += (16 * desc_num + 2).next_multiple_of(64);
     }
     Ok(marked)
-}
-
-/// Runs `qemu-img ARGS IMAGE REST`; its output becomes the error if it fails.
-fn qemu_img(args: &[&str], image: &Path, rest: &[&str]) -> Result {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .arg(image)
-        .args(rest)
-        .output()
-        .map_err(|e| format!("qemu-img: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img {} {} failed: {}{}",
-            args.join(" "),
-            image.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Runs the guest checks against each stack, printing every check.

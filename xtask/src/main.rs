@@ -534,19 +534,7 @@ fn stress(args: &[String]) -> Result {
 /// The crash-consistency harness, `diskctl crash run` (docs/testing.md); the short run is
 /// `diskctl`'s test `crash_consistency_short_run`.
 fn crash(args: &[String]) -> Result {
-    let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "--locked",
-        "-p",
-        "diskctl",
-        "--",
-        "crash",
-        "run",
-    ]);
-    c.args(args);
-    run("crash", c)
+    run_release("crash", &["-p", "diskctl", "--", "crash", "run"], args)
 }
 
 fn bench(args: &[String]) -> Result {
@@ -569,34 +557,24 @@ fn bench(args: &[String]) -> Result {
 /// The fio comparison of `disk_blockdevice`: an example binary, since it needs root, loop
 /// devices and fio rather than criterion's harness.
 fn bench_blockdevice(args: &[String]) -> Result {
-    let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "--locked",
-        "-p",
-        "disk_blockdevice",
-        "--example",
-        "fio_compare",
-        "--",
-    ]);
-    c.args(args);
-    run("bench blockdevice", c)
+    run_release(
+        "bench blockdevice",
+        &["-p", "disk_blockdevice", "--example", "fio_compare", "--"],
+        args,
+    )
 }
 
 fn run_main_job(args: &[String]) -> Result {
+    run_release("run", &["-p", "diskctl", "--", "bench"], args)
+}
+
+/// `cargo run --release --locked TARGET ARGS`: `target` picks the program and ends with `--`.
+fn run_release(step: &str, target: &[&str], args: &[String]) -> Result {
     let mut c = cargo();
-    c.args([
-        "run",
-        "--release",
-        "--locked",
-        "-p",
-        "diskctl",
-        "--",
-        "bench",
-    ]);
+    c.args(["run", "--release", "--locked"]);
+    c.args(target);
     c.args(args);
-    run("run", c)
+    run(step, c)
 }
 
 #[cfg(test)]
