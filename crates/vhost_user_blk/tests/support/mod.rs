@@ -204,26 +204,7 @@ impl TestFrontend {
         let i = usize::from(q);
         let r = ring_base(q);
         let used: u16 = self.mem.read_plain(r + 0x2000 + 2).expect("used idx");
-        let fe = &mut self.frontend;
-        fe.set_vring_num(i, QUEUE_SIZE)?;
-        fe.set_vring_base(i, used)?;
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: USER_BASE + r,
-                used_ring_addr: USER_BASE + r + 0x2000,
-                avail_ring_addr: USER_BASE + r + 0x1000,
-                log_addr: None,
-            },
-        )?;
-        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let kick = EventFd::new(0).expect("eventfd");
-        fe.set_vring_call(i, &call)?;
-        fe.set_vring_kick(i, &kick)?;
-        fe.set_vring_enable(i, true)?;
+        let (call, kick) = self.connect_queue(q, used)?;
         self.queues[i].call = call;
         self.queues[i].kick = kick;
         Ok(())
@@ -257,6 +238,29 @@ impl TestFrontend {
         self.mem
             .write_plain(r + 0x2000 + 2, &base)
             .expect("used idx");
+        let (call, kick) = self.connect_queue(q, base)?;
+        let queue = DriverQueue {
+            kick,
+            call,
+            avail_idx: base,
+            last_used: base,
+        };
+        if self.queues.len() <= i {
+            self.queues.resize_with(i + 1, || DriverQueue {
+                kick: EventFd::new(0).expect("eventfd"),
+                call: EventFd::new(0).expect("eventfd"),
+                avail_idx: 0,
+                last_used: 0,
+            });
+        }
+        self.queues[i] = queue;
+        Ok(())
+    }
+
+    /// Hands queue `q`'s size, rings (at their place in guest memory), `base` and new call
+    /// and kick eventfds to the backend, and enables it; returns (call, kick).
+    fn connect_queue(&mut self, q: u16, base: u16) -> vhost::Result<(EventFd, EventFd)> {
+        let (i, r) = (usize::from(q), ring_base(q));
         let fe = &mut self.frontend;
         fe.set_vring_num(i, QUEUE_SIZE)?;
         fe.set_vring_base(i, base)?;
@@ -277,22 +281,7 @@ impl TestFrontend {
         fe.set_vring_call(i, &call)?;
         fe.set_vring_kick(i, &kick)?;
         fe.set_vring_enable(i, true)?;
-        let queue = DriverQueue {
-            kick,
-            call,
-            avail_idx: base,
-            last_used: base,
-        };
-        if self.queues.len() <= i {
-            self.queues.resize_with(i + 1, || DriverQueue {
-                kick: EventFd::new(0).expect("eventfd"),
-                call: EventFd::new(0).expect("eventfd"),
-                avail_idx: 0,
-                last_used: 0,
-            });
-        }
-        self.queues[i] = queue;
-        Ok(())
+        Ok((call, kick))
     }
 
     fn alloc(&mut self, len: u64) -> u64 {
