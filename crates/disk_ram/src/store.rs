@@ -172,9 +172,9 @@ impl Store {
             let end = key + self.chunk_sectors();
             self.split_zero_run(key);
             self.split_zero_run(end);
+            // After the splits, only zero runs lie inside the chunk's sectors.
             let mut zero = 0;
-            let runs: Vec<u64> = self.entries.range(key..end).map(|(&k, _)| k).collect();
-            for start in runs {
+            while let Some((&start, _)) = self.entries.range(key..end).next() {
                 if let Some(Entry::Zero { len }) = self.entries.remove(&start) {
                     zero |= mask(start - key..start - key + len);
                 }
@@ -341,13 +341,10 @@ impl Store {
         self.split_zero_run(sector);
         self.split_zero_run(end);
         let mut removed = 0;
-        let keys: Vec<u64> = self
-            .entries
-            .range(self.chunk_start(sector)..end)
-            .map(|(&k, _)| k)
-            .collect();
-        for key in keys {
-            let len = self.entry_len(&self.entries[&key]);
+        let mut cursor = self.chunk_start(sector);
+        while let Some((&key, entry)) = self.entries.range(cursor..end).next() {
+            cursor = key + 1;
+            let len = self.entry_len(entry);
             if key + len <= sector {
                 continue;
             }
