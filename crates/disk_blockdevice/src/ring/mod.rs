@@ -52,7 +52,7 @@ pub(crate) use op::{Op, Owned};
 pub(crate) use setup::FILE_OPCODES;
 pub use setup::RingError;
 
-use completion::owner::{EVENT_TOKEN, OwnerState, TIMER_REMOVE_TOKEN, TIMER_TOKEN};
+use completion::owner::OwnerState;
 use io_uring::{IoUring, opcode, types};
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
@@ -130,28 +130,10 @@ impl Shared {
             if token == WAKE_TOKEN {
                 continue;
             }
-            if token == TIMER_TOKEN || token == TIMER_REMOVE_TOKEN {
-                if let Some(owner) = &self.owner {
-                    if token == TIMER_REMOVE_TOKEN {
-                        owner.timer_removing.store(false, Ordering::Relaxed);
-                    } else if !io_uring::cqueue::more(cqe.flags()) {
-                        // Its last completion: removed, or refused (a kernel without
-                        // multishot timeouts despite its version: stop batching).
-                        owner.timer_armed.store(false, Ordering::Relaxed);
-                        if cqe.result() == -libc::EINVAL {
-                            owner.batching.store(false, Ordering::Relaxed);
-                        }
-                    }
-                }
-                continue;
-            }
-            if token == EVENT_TOKEN {
-                if let Some(owner) = &self.owner {
-                    owner.event.store(true, Ordering::Relaxed);
-                    if !io_uring::cqueue::more(cqe.flags()) {
-                        owner.rearm.store(true, Ordering::Relaxed);
-                    }
-                }
+            let more = io_uring::cqueue::more(cqe.flags());
+            if let Some(owner) = table.owner.as_mut()
+                && owner.complete(token, cqe.result(), more)
+            {
                 continue;
             }
             let index = token as u32;

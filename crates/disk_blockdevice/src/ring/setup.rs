@@ -1,6 +1,6 @@
 //! Building a ring: the kernel's features and the opcodes a disk needs.
 
-use super::completion::owner::{MULTISHOT_TIMEOUT_KERNEL, OWNER_WAIT_BOUND, OwnerState, Signal};
+use super::completion::owner::{OWNER_WAIT_BOUND, OwnerRequests, OwnerState, Signal};
 use super::fixed::FixedBuffers;
 use super::table::{Slot, SlotState, Table};
 use super::{Completions, Owned, Ring, Shared};
@@ -178,11 +178,6 @@ impl Ring {
                 }),
                 thread: OnceLock::new(),
                 enabled: AtomicBool::new(false),
-                rearm: AtomicBool::new(true),
-                event: AtomicBool::new(false),
-                batching: AtomicBool::new(kernel_at_least(MULTISHOT_TIMEOUT_KERNEL)),
-                timer_armed: AtomicBool::new(false),
-                timer_removing: AtomicBool::new(false),
                 poll_window: AtomicU64::new(0),
                 tick: types::Timespec::from(OWNER_WAIT_BOUND),
             })
@@ -203,6 +198,7 @@ impl Ring {
             outstanding: 0,
             waiting: VecDeque::new(),
             pushed: 0,
+            owner: owner_mode.then(OwnerRequests::new),
         };
         let shared = Arc::new(Shared {
             ring,

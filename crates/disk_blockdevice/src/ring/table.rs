@@ -1,6 +1,7 @@
 //! The table of slots: one per request in flight, owning the memory the kernel uses.
 
 use super::Owned;
+use super::completion::owner::OwnerRequests;
 use super::fixed::FixedBuffers;
 use io_uring::{IoUring, squeue};
 use request_buffers::IoBuffer;
@@ -44,6 +45,8 @@ pub(super) struct Table {
     /// [`Table::push`], so this is the queue's tail (which wraps at 32 bits; this does not,
     /// so that a request held unpolled for billions of pushes still compares right).
     pub(super) pushed: u64,
+    /// The owner's own requests, in [`Completions::Owner`](crate::Completions::Owner) mode.
+    pub(super) owner: Option<OwnerRequests>,
 }
 
 impl Table {

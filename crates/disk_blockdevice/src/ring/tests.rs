@@ -1,6 +1,6 @@
 //! Tests of the ring: batching, owner mode, fixed buffers, abandoned requests.
 
-use super::completion::owner::{OWNER_WAIT_BOUND, adapt_poll_window};
+use super::completion::owner::{OWNER_WAIT_BOUND, OwnerRequests, adapt_poll_window};
 use super::fixed::{FixedBuffers, MAX_RW_COUNT, fixed_buffer_ranges};
 use super::request::Request;
 use super::setup::{kernel_at_least, release_at_least};
@@ -41,15 +41,14 @@ fn owner_ring(fd: &OwnedFd, spin: Duration) -> Option<Ring> {
     }
 }
 
+/// Reads the owner's own requests' state of `ring` (owner mode) through `f`.
+fn owner_requests<T>(ring: &Ring, f: impl FnOnce(&OwnerRequests) -> T) -> T {
+    f(ring.shared.table.lock().owner.as_ref().expect("owner mode"))
+}
+
 /// Whether `ring` waits for batches (multishot timeouts, Linux 6.4); says so if not.
 fn batching(ring: &Ring) -> bool {
-    let batching = ring
-        .shared
-        .owner
-        .as_ref()
-        .unwrap()
-        .batching
-        .load(Ordering::Relaxed);
+    let batching = owner_requests(ring, |r| r.batching);
     if !batching {
         disk_conformance::skip::skip(
             "the batching checks: no multishot timeouts (io_uring, Linux 6.4)",
@@ -126,8 +125,7 @@ fn a_batched_wait_ends_when_the_timer_fires() {
     if !batching(&ring) {
         return;
     }
-    let owner = ring.shared.owner.as_ref().unwrap();
-    assert!(owner.timer_armed.load(Ordering::Relaxed));
+    assert!(owner_requests(&ring, |r| r.timer_armed));
     let (wake, woken) = futures::channel::oneshot::channel::<()>();
     let waker = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(20));
@@ -136,10 +134,10 @@ fn a_batched_wait_ends_when_the_timer_fires() {
     driver.block_on(woken).unwrap();
     waker.join().unwrap();
     assert!(
-        !owner.timer_armed.load(Ordering::Relaxed),
+        !owner_requests(&ring, |r| r.timer_armed),
         "the timeout is removed"
     );
-    assert!(!owner.timer_removing.load(Ordering::Relaxed));
+    assert!(!owner_requests(&ring, |r| r.timer_removing));
 }
 
 /// Writes `bytes` to the pipe after `delay`, on another thread.
@@ -181,11 +179,7 @@ fn the_owner_polls_at_any_depth_within_an_adaptive_window() {
     // Polling catches the next completions: the window stays.
     read_all(8, Duration::from_millis(10));
     assert_eq!(window(), max);
-    let owner = ring.shared.owner.as_ref().unwrap();
-    assert!(
-        !owner.timer_armed.load(Ordering::Relaxed),
-        "no batched wait"
-    );
+    assert!(!owner_requests(&ring, |r| r.timer_armed), "no batched wait");
     // Slower than the maximum: halved.
     read_all(1, Duration::from_secs(1));
     assert_eq!(window(), max / 2);
@@ -220,8 +214,7 @@ fn a_timer_that_fires_between_waits_still_bounds_the_next_one() {
         for _ in 0..5 {
             assert!(matches!(reads.next().await, Some((Ok(1), _))));
         }
-        let owner = ring.shared.owner.as_ref().unwrap();
-        assert_eq!(owner.timer_armed.load(Ordering::Relaxed), batching);
+        assert_eq!(owner_requests(&ring, |r| r.timer_armed), batching);
         // Fifteen in flight: the next wait is for a batch of three.
         std::thread::sleep(5 * OWNER_WAIT_BOUND);
         go.send(()).unwrap();

@@ -1,5 +1,6 @@
 //! [`Completions::Owner`](crate::Completions::Owner): the thread that submits reaps, in one `io_uring_enter`.
 
+use crate::ring::setup::kernel_at_least;
 use crate::ring::{Owned, Ring, RingError, Shared, WAIT_TIMEOUT};
 use io_uring::{opcode, types};
 use std::cell::Cell;
@@ -78,22 +79,69 @@ pub(in crate::ring) struct OwnerState {
     /// Whether the owner has enabled the ring (`IORING_REGISTER_ENABLE_RINGS`): nothing is
     /// submitted before.
     pub(in crate::ring) enabled: AtomicBool,
-    /// The eventfd poll is not armed (at first, or its multishot ended).
-    pub(in crate::ring) rearm: AtomicBool,
-    /// The eventfd poll fired: drain the counter.
-    pub(in crate::ring) event: AtomicBool,
-    /// The kernel has multishot timeouts, so the owner may wait for batches.
-    pub(in crate::ring) batching: AtomicBool,
-    /// The [`OWNER_WAIT_BOUND`] timeout request is in flight (until its last completion).
-    pub(in crate::ring) timer_armed: AtomicBool,
-    /// Its removal was pushed and has not completed yet.
-    pub(in crate::ring) timer_removing: AtomicBool,
     /// How long the owner polls before it sleeps, in nanoseconds, at most `completion_spin`
     /// (see [`adapt_poll_window`]).
     pub(in crate::ring) poll_window: AtomicU64,
     /// Its period; the kernel reads it when the request is submitted, by the owner thread
     /// during its wait, while `Shared` (and so this field) lives.
     pub(in crate::ring) tick: types::Timespec,
+}
+
+/// The requests an owner-mode ring keeps in flight for its owner, the multishot poll of the
+/// eventfd and the [`OWNER_WAIT_BOUND`] timeout, and what their completions said. It lives in
+/// the table ([`Table::owner`](crate::ring::table::Table::owner)): whoever reaps a completion
+/// updates it, under the table lock, and the owner reads it there before it waits.
+#[derive(Debug)]
+pub(in crate::ring) struct OwnerRequests {
+    /// The eventfd poll is not armed (at first, or its multishot ended): arm it before the
+    /// next wait.
+    pub(in crate::ring) poll_unarmed: bool,
+    /// The eventfd poll fired since the owner last drained the counter.
+    pub(in crate::ring) event: bool,
+    /// The kernel has multishot timeouts, so the owner may wait for batches.
+    pub(in crate::ring) batching: bool,
+    /// The timeout request is in flight (until its last completion).
+    pub(in crate::ring) timer_armed: bool,
+    /// Its removal was pushed and has not completed yet.
+    pub(in crate::ring) timer_removing: bool,
+}
+
+impl OwnerRequests {
+    /// Nothing armed yet; batching where the kernel has multishot timeouts.
+    pub(in crate::ring) fn new() -> Self {
+        Self {
+            poll_unarmed: true,
+            event: false,
+            batching: kernel_at_least(MULTISHOT_TIMEOUT_KERNEL),
+            timer_armed: false,
+            timer_removing: false,
+        }
+    }
+
+    /// Takes the completion of the request `token` (its `result`, and whether a multishot
+    /// request stays armed) if it is one of the owner's; returns whether it was.
+    pub(in crate::ring) fn complete(&mut self, token: u64, result: i32, more: bool) -> bool {
+        match token {
+            TIMER_REMOVE_TOKEN => self.timer_removing = false,
+            TIMER_TOKEN if !more => {
+                // Its last completion: removed, or refused (a kernel without multishot
+                // timeouts despite its version: stop batching).
+                self.timer_armed = false;
+                if result == -libc::EINVAL {
+                    self.batching = false;
+                }
+            }
+            TIMER_TOKEN => {}
+            EVENT_TOKEN => {
+                self.event = true;
+                if !more {
+                    self.poll_unarmed = true;
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
 }
 
 /// How the owner thread is woken: a flag it checks before it waits, and an eventfd polled
@@ -145,24 +193,26 @@ impl Shared {
         let Some(owner) = &self.owner else {
             return;
         };
-        if owner.rearm.swap(false, Ordering::Relaxed) {
+        let mut table = self.table.lock();
+        let Some(requests) = table.owner.as_mut() else {
+            return;
+        };
+        if requests.poll_unarmed {
             let poll =
                 opcode::PollAdd::new(types::Fd(signal.eventfd.as_raw_fd()), libc::POLLIN as u32)
                     .multi(true)
                     .build()
                     .user_data(EVENT_TOKEN);
-            let mut table = self.table.lock();
             // An entry beyond the slots is kept free for the poll (two more for the timeout).
             // SAFETY: the poll references no memory, only the eventfd, which the kernel holds
             // a reference to.
             let pushed = unsafe { table.push(&self.ring, &poll) };
-            drop(table);
-            if pushed.is_err() {
-                // Not expected; try again at the next wait.
-                owner.rearm.store(true, Ordering::Relaxed);
-            }
+            // If the push failed (not expected), the next wait tries again.
+            table.owner.as_mut().expect("owner mode").poll_unarmed = pushed.is_err();
         }
-        let outstanding = self.table.lock().outstanding;
+        let outstanding = table.outstanding;
+        let batching = table.owner.as_ref().is_some_and(|r| r.batching);
+        drop(table);
         // With requests in flight and `completion_spin` set, poll for up to the adaptive
         // window before sleeping, and adapt the window after the wait. Unlike the completion
         // thread's polling, at any depth: the owner is the submitting thread, so polling
@@ -189,7 +239,7 @@ impl Shared {
             // for each (fewer wake-ups of this thread: +15-20 % IOPS at queue depth 32), or
             // when the `OWNER_WAIT_BOUND` timeout fires. If polling found a completion, only
             // collect what is there.
-            let want = if caught || !owner.batching.load(Ordering::Relaxed) {
+            let want = if caught || !batching {
                 1
             } else {
                 (outstanding / OWNER_BATCH_DIVISOR).max(1)
@@ -212,7 +262,13 @@ impl Shared {
                 _ => std::thread::sleep(Duration::from_millis(1)),
             }
         }
-        if owner.event.swap(false, Ordering::Relaxed) {
+        let fired = self
+            .table
+            .lock()
+            .owner
+            .as_mut()
+            .is_some_and(|r| std::mem::take(&mut r.event));
+        if fired {
             let mut count = [0u8; 8];
             // SAFETY: `count` is a live, writable 8-byte buffer; reading an eventfd resets
             // its counter (`EAGAIN` when it is zero already, which is fine).
@@ -235,39 +291,34 @@ impl Shared {
         outstanding: usize,
         want: usize,
     ) -> usize {
-        if want > 1 && !owner.timer_armed.load(Ordering::Relaxed) {
+        let mut table = self.table.lock();
+        let Some(requests) = table.owner.as_ref() else {
+            return want;
+        };
+        if want > 1 && !requests.timer_armed {
             let timeout = opcode::Timeout::new(&raw const owner.tick)
                 .flags(types::TimeoutFlags::MULTISHOT)
                 .build()
                 .user_data(TIMER_TOKEN);
-            let mut table = self.table.lock();
             // Entries beyond the slots are kept free for the timeout and its removal.
             // SAFETY: the kernel copies `owner.tick` (alive as long as `self`) when the owner
             // submits the entry.
             let pushed = unsafe { table.push(&self.ring, &timeout) };
-            drop(table);
-            owner.timer_armed.store(pushed.is_ok(), Ordering::Relaxed);
+            table.owner.as_mut().expect("owner mode").timer_armed = pushed.is_ok();
             if pushed.is_err() {
                 // Not expected; without the bound, do not wait for a batch.
                 return 1;
             }
-        } else if outstanding == 0
-            && owner.timer_armed.load(Ordering::Relaxed)
-            && !owner.timer_removing.load(Ordering::Relaxed)
-        {
+        } else if outstanding == 0 && requests.timer_armed && !requests.timer_removing {
             // Idle: stop the timer, which would otherwise wake the owner every period.
             let remove = opcode::TimeoutRemove::new(TIMER_TOKEN)
                 .build()
                 .user_data(TIMER_REMOVE_TOKEN);
-            let mut table = self.table.lock();
             // SAFETY: the entry references no memory. An entry beyond the slots is kept free
             // for it.
             let pushed = unsafe { table.push(&self.ring, &remove) };
-            drop(table);
             // If the push failed (not expected), the next idle wait tries again.
-            owner
-                .timer_removing
-                .store(pushed.is_ok(), Ordering::Relaxed);
+            table.owner.as_mut().expect("owner mode").timer_removing = pushed.is_ok();
         }
         want
     }
