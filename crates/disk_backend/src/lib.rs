@@ -88,6 +88,8 @@
 mod disk;
 mod error;
 pub mod host_file;
+#[cfg(unix)]
+pub mod io_thread;
 pub mod pr;
 pub mod range_lock;
 pub mod resolve;

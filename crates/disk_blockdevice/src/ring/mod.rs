@@ -46,9 +46,11 @@ mod table;
 mod tests;
 
 pub use completion::Completions;
+pub(crate) use completion::io_thread::ThreadRing;
 pub use completion::owner::OwnerDriver;
 pub use fixed::FixedBufferStats;
 pub(crate) use op::{Op, Owned};
+pub(crate) use request::Request;
 pub(crate) use setup::FILE_OPCODES;
 pub use setup::RingError;
 

@@ -2,6 +2,7 @@
 
 use io_uring::{opcode, squeue, types};
 use request_buffers::{BounceBuffer, IoBuffer, LockedIoBuffers};
+use std::os::fd::RawFd;
 
 // `IoBuffer` is documented to be laid out like `struct iovec`; the iovec pointers handed to
 // the kernel are slices of `IoBuffer`s.
@@ -14,7 +15,33 @@ const _: () = {
 /// pieces, as if the kernel had made a short transfer.
 pub(super) const IOV_MAX: usize = 1024;
 
-/// One operation on the ring's file (registered as fixed file 0).
+/// The file an operation is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The ring's own file, registered with it as fixed file 0 (a disk's ring).
+    Registered,
+    /// A descriptor (a thread's ring, which serves every disk polled on the thread).
+    Fd(RawFd),
+}
+
+/// Builds `$build` with `$fd` bound to the operation's file: the registered file or a plain
+/// descriptor (the opcode builders take either, through a trait the crate keeps sealed).
+macro_rules! on_target {
+    ($target:expr, |$fd:ident| $build:expr) => {
+        match $target {
+            Target::Registered => {
+                let $fd = types::Fixed(0);
+                $build
+            }
+            Target::Fd(raw) => {
+                let $fd = types::Fd(raw);
+                $build
+            }
+        }
+    };
+}
+
+/// One operation on a file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op {
     /// `IORING_OP_READV` at a byte offset.
@@ -28,56 +55,59 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    /// The submission entry for this operation on the bytes of `iovecs`, which start `skip`
-    /// bytes into the request; `fixed` is the registered buffer holding all of them.
+    /// The submission entry for this operation on `target`, on the bytes of `iovecs`,
+    /// which start `skip` bytes into the request; `fixed` is the registered buffer holding
+    /// all of them.
     pub(super) fn entry(
         self,
+        target: Target,
         iovecs: &[IoBuffer],
         skip: usize,
         fixed: Option<u16>,
     ) -> squeue::Entry {
-        let fd = types::Fixed(0);
         let pointer = iovecs.as_ptr().cast::<libc::iovec>();
         let count = iovecs.len() as u32;
-        match (self, fixed, iovecs) {
-            // One piece of registered memory: the plain fixed opcodes (Linux 5.1).
-            (Op::Read { offset }, Some(buffer), [one]) => {
-                opcode::ReadFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+        on_target!(target, |fd| {
+            match (self, fixed, iovecs) {
+                // One piece of registered memory: the plain fixed opcodes (Linux 5.1).
+                (Op::Read { offset }, Some(buffer), [one]) => {
+                    opcode::ReadFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+                        .offset(offset + skip as u64)
+                        .build()
+                }
+                (Op::Read { offset }, Some(buffer), _) => {
+                    opcode::ReadvFixed::new(fd, pointer, count, buffer)
+                        .offset(offset + skip as u64)
+                        .build()
+                }
+                (Op::Read { offset }, None, _) => opcode::Readv::new(fd, pointer, count)
                     .offset(offset + skip as u64)
-                    .build()
-            }
-            (Op::Read { offset }, Some(buffer), _) => {
-                opcode::ReadvFixed::new(fd, pointer, count, buffer)
-                    .offset(offset + skip as u64)
-                    .build()
-            }
-            (Op::Read { offset }, None, _) => opcode::Readv::new(fd, pointer, count)
-                .offset(offset + skip as u64)
-                .build(),
-            (Op::Write { offset, dsync }, Some(buffer), [one]) => {
-                opcode::WriteFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+                    .build(),
+                (Op::Write { offset, dsync }, Some(buffer), [one]) => {
+                    opcode::WriteFixed::new(fd, one.as_ptr(), one.len() as u32, buffer)
+                        .offset(offset + skip as u64)
+                        .rw_flags(dsync_flag(dsync))
+                        .build()
+                }
+                (Op::Write { offset, dsync }, Some(buffer), _) => {
+                    opcode::WritevFixed::new(fd, pointer, count, buffer)
+                        .offset(offset + skip as u64)
+                        .rw_flags(dsync_flag(dsync))
+                        .build()
+                }
+                (Op::Write { offset, dsync }, None, _) => opcode::Writev::new(fd, pointer, count)
                     .offset(offset + skip as u64)
                     .rw_flags(dsync_flag(dsync))
-                    .build()
+                    .build(),
+                (Op::Fsync, ..) => opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                (Op::Fallocate { offset, len, mode }, ..) => opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build(),
             }
-            (Op::Write { offset, dsync }, Some(buffer), _) => {
-                opcode::WritevFixed::new(fd, pointer, count, buffer)
-                    .offset(offset + skip as u64)
-                    .rw_flags(dsync_flag(dsync))
-                    .build()
-            }
-            (Op::Write { offset, dsync }, None, _) => opcode::Writev::new(fd, pointer, count)
-                .offset(offset + skip as u64)
-                .rw_flags(dsync_flag(dsync))
-                .build(),
-            (Op::Fsync, ..) => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            (Op::Fallocate { offset, len, mode }, ..) => opcode::Fallocate::new(fd, len)
-                .offset(offset)
-                .mode(mode)
-                .build(),
-        }
+        })
     }
 }
 

@@ -1,16 +1,40 @@
 //! The future of one ring operation.
 
+use super::op::Target;
 use super::{Op, Owned, Ring};
 use std::future::Future;
 use std::io;
+use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// The future of one ring operation; see [`Ring::run`].
 #[derive(Debug)]
 pub(crate) struct Request<'a> {
-    pub(super) ring: &'a Ring,
+    pub(super) ring: RingRef<'a>,
+    /// The file it is on.
+    pub(super) target: Target,
     pub(super) stage: Stage,
+}
+
+/// The ring a request runs on: its disk's, which outlives the request's borrow of the disk,
+/// or a thread's, which the request keeps alive (the thread may end first).
+#[derive(Debug)]
+pub(super) enum RingRef<'a> {
+    Disk(&'a Ring),
+    Thread(Arc<Ring>),
+}
+
+impl Deref for RingRef<'_> {
+    type Target = Ring;
+
+    fn deref(&self) -> &Ring {
+        match self {
+            RingRef::Disk(ring) => ring,
+            RingRef::Thread(ring) => ring,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -50,7 +74,10 @@ impl Future for Request<'_> {
                 skip,
                 fixed,
             } => {
-                match this.ring.start(op, owned, skip, fixed, cx.waker()) {
+                match this
+                    .ring
+                    .start(this.target, op, owned, skip, fixed, cx.waker())
+                {
                     // The entry does not enter the kernel yet: the request asks to be
                     // polled again, so that the requests the executor polls meanwhile (the
                     // rest of a queue refill) join the batch; the first of them polled again

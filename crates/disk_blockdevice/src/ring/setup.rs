@@ -110,6 +110,54 @@ impl Ring {
         completions: Completions,
         completion_spin: Duration,
     ) -> Result<Self, RingError> {
+        let shared = Self::build(Some(fd), entries, opcodes, completions, completion_spin)?;
+        match completions {
+            Completions::Thread => {
+                shared.start_thread().map_err(RingError::Thread)?;
+                Ok(Self {
+                    shared,
+                    #[cfg(feature = "tokio")]
+                    reactor: None,
+                })
+            }
+            #[cfg(feature = "tokio")]
+            Completions::Tokio => {
+                let reactor = super::completion::tokio::spawn(&shared)?;
+                Ok(Self {
+                    shared,
+                    reactor: Some(reactor),
+                })
+            }
+            Completions::Owner => Ok(Self {
+                shared,
+                #[cfg(feature = "tokio")]
+                reactor: None,
+            }),
+        }
+    }
+
+    /// A ring of `entries` slots over no file in particular (its requests name their
+    /// descriptors), with no completion thread: whoever holds it reaps (see
+    /// [`ThreadRing`](super::completion::io_thread::ThreadRing)).
+    pub(crate) fn unattached(
+        entries: u32,
+        opcodes: &[(u8, &'static str)],
+    ) -> Result<Self, RingError> {
+        Ok(Self {
+            shared: Self::build(None, entries, opcodes, Completions::Thread, Duration::ZERO)?,
+            #[cfg(feature = "tokio")]
+            reactor: None,
+        })
+    }
+
+    /// The ring and its table, with `fd` registered as fixed file 0 if given.
+    fn build(
+        fd: Option<RawFd>,
+        entries: u32,
+        opcodes: &[(u8, &'static str)],
+        completions: Completions,
+        completion_spin: Duration,
+    ) -> Result<Arc<Shared>, RingError> {
         let owner_mode = completions == Completions::Owner;
         // In owner mode, entries beyond the slots for the eventfd poll, the timeout and its
         // removal.
@@ -157,9 +205,11 @@ impl Ring {
             ..FixedBuffers::default()
         };
         // A registered file saves the kernel a descriptor lookup and reference per request.
-        ring.submitter()
-            .register_files(&[fd])
-            .map_err(RingError::Register)?;
+        if let Some(fd) = fd {
+            ring.submitter()
+                .register_files(&[fd])
+                .map_err(RingError::Register)?;
+        }
         // As many slots as asked for (the kernel rounds the queue up to a power of two).
         let slots = entries.min(ring.params().sq_entries() - reserved);
         let owner = if owner_mode {
@@ -200,7 +250,7 @@ impl Ring {
             pushed: 0,
             owner: owner_mode.then(OwnerRequests::new),
         };
-        let shared = Arc::new(Shared {
+        Ok(Arc::new(Shared {
             ring,
             table: Mutex::new(table),
             queued: AtomicUsize::new(0),
@@ -210,29 +260,6 @@ impl Ring {
             spin: completion_spin,
             owner,
             io_log: Default::default(),
-        });
-        match completions {
-            Completions::Thread => {
-                shared.start_thread().map_err(RingError::Thread)?;
-                Ok(Self {
-                    shared,
-                    #[cfg(feature = "tokio")]
-                    reactor: None,
-                })
-            }
-            #[cfg(feature = "tokio")]
-            Completions::Tokio => {
-                let reactor = super::completion::tokio::spawn(&shared)?;
-                Ok(Self {
-                    shared,
-                    reactor: Some(reactor),
-                })
-            }
-            Completions::Owner => Ok(Self {
-                shared,
-                #[cfg(feature = "tokio")]
-                reactor: None,
-            }),
-        }
+        }))
     }
 }

@@ -1,7 +1,7 @@
 //! Starting a request: a slot, its submission entry, and entering the kernel in batches.
 
-use super::op::{Op, Owned};
-use super::request::{Request, Stage};
+use super::op::{Op, Owned, Target};
+use super::request::{Request, RingRef, Stage};
 use super::table::{SlotState, Table};
 use super::{InlineReap, Ring};
 use std::sync::atomic::Ordering;
@@ -12,7 +12,8 @@ impl Ring {
     /// Resolves to the kernel's result (bytes transferred, or 0) and the memory.
     pub(crate) fn run(&self, op: Op, owned: Owned, skip: usize) -> Request<'_> {
         Request {
-            ring: self,
+            ring: RingRef::Disk(self),
+            target: Target::Registered,
             stage: Stage::Queued {
                 op,
                 owned,
@@ -28,6 +29,7 @@ impl Ring {
     /// mode, where the owner submits). Reaps completions inline first, which may free a slot.
     pub(super) fn start(
         &self,
+        target: Target,
         op: Op,
         mut owned: Owned,
         skip: usize,
@@ -51,7 +53,9 @@ impl Ring {
             Op::Read { .. } | Op::Write { .. } if allow_fixed => fixed.index_of(&slot.iovecs),
             _ => None,
         };
-        let entry = op.entry(&slot.iovecs, skip, buffer).user_data(index as u64);
+        let entry = op
+            .entry(target, &slot.iovecs, skip, buffer)
+            .user_data(index as u64);
         shared.io_log.record(&entry);
         slot.owned = owned;
         slot.fixed = buffer.is_some();

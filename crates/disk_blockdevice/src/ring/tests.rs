@@ -2,6 +2,7 @@
 
 use super::completion::owner::{OWNER_WAIT_BOUND, OwnerRequests, adapt_poll_window};
 use super::fixed::{FixedBuffers, MAX_RW_COUNT, fixed_buffer_ranges};
+use super::op::Target;
 use super::request::Request;
 use super::setup::{kernel_at_least, release_at_least};
 use super::{Completions, Op, Owned, Ring};
@@ -415,8 +416,14 @@ fn entries_name_the_fixed_buffer_with_the_fixed_opcodes() {
         (Op::Fsync, &[], None, opcode::Fsync::CODE),
     ];
     for (op, iovecs, fixed, code) in cases {
-        let entry = op.entry(iovecs, 0, fixed);
-        assert_eq!(entry.get_opcode(), u32::from(code), "{op:?} {fixed:?}");
+        for target in [Target::Registered, Target::Fd(5)] {
+            let entry = op.entry(target, iovecs, 0, fixed);
+            assert_eq!(
+                entry.get_opcode(),
+                u32::from(code),
+                "{op:?} {fixed:?} {target:?}"
+            );
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Who reaps completions when no future is being polled.
 
+pub(super) mod io_thread;
 pub(super) mod owner;
 pub(super) mod thread;
 #[cfg(feature = "tokio")]
