@@ -20,6 +20,10 @@
 //!
 //! [`IoThread::block_on`] is such a loop for a thread with nothing else to wait for.
 //!
+//! A thread inside an `IoThread` must wait only through such a loop: blocking it on a
+//! request some other way (a nested `futures::executor::block_on`) would wait for
+//! completions that only this thread's loop reaps.
+//!
 //! Nothing here is required: a backend without a driver, or a thread without an
 //! `IoThread`, works as before, with the backend's own threads.
 

@@ -48,7 +48,9 @@ fn requests_on_a_thread_ring_do_not_allocate() {
         let before = allocations();
         for i in 0..500u64 {
             let sector = (i % 64) * 32;
-            disk.write_vectored(&write, sector, i % 2 == 0).await.unwrap();
+            disk.write_vectored(&write, sector, i % 2 == 0)
+                .await
+                .unwrap();
             disk.read_vectored(&read, sector).await.unwrap();
             disk.sync_cache().await.unwrap();
         }
