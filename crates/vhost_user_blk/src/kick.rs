@@ -26,7 +26,7 @@ use disk_backend::io_thread::IoThread;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use smallvec::SmallVec;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -51,7 +51,7 @@ impl KickWorker {
     pub fn start(
         index: u16,
         kick: OwnedFd,
-        device: Arc<Mutex<BlockDevice>>,
+        device: Arc<RwLock<BlockDevice>>,
         poll_max: Duration,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
@@ -96,7 +96,7 @@ fn watch(
     index: u16,
     kick: &OwnedFd,
     stop: &EventFd,
-    device: &Mutex<BlockDevice>,
+    device: &RwLock<BlockDevice>,
     poll_max: Duration,
 ) {
     // This thread drives the I/O of the requests it starts: disks that can (io_uring) submit
@@ -180,7 +180,8 @@ fn watch(
             Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {}
             Err(_) => return,
         }
-        device.lock().process_queue(index);
+        // The read lock: other queues' threads serve theirs at the same time.
+        device.read().process_queue(index);
         served = Instant::now();
     }
 }
@@ -201,7 +202,7 @@ mod tests {
         let disk = Disk::new(RamDisk::new(64, 512).unwrap()).unwrap();
         let device = BlockDevice::new(BlockConfig::default(), disk).unwrap();
         let mut worker =
-            KickWorker::start(0, read_end, Arc::new(Mutex::new(device)), Duration::ZERO).unwrap();
+            KickWorker::start(0, read_end, Arc::new(RwLock::new(device)), Duration::ZERO).unwrap();
         let thread = worker.thread.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !thread.is_finished() {
