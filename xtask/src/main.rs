@@ -47,6 +47,12 @@ verbs:
                       /dev/shm, and against the raw file: allocated 4k reads QD1/QD32,
                       allocating 4k writes QD32, 1M sequential writes QD4; alternated
                       rounds (default 3), medians and ratios
+  bench export [--rounds N] [--seconds S] [--stack file|blockdev-buffered|blockdev]...
+               [--job NAME]... [--queues N]...
+                      our vhost-user-blk export against qemu-storage-daemon (aio=io_uring
+                      and aio=threads) on the same /dev/shm image, driven by libblkio with no
+                      VM: 4k random read QD1/16/32, 4k random write QD32, 1M read/write QD4,
+                      1 and 2 queues; IOPS, exporter CPU per request, mean latency
   bench guest [--runtime SECS] [--rounds N] [--spec SPEC] [--qsd-iothread]
                       the same User-Mode Linux guest and fio jobs against
                       qemu-storage-daemon and diskctl serve on one backing file in
@@ -542,6 +548,7 @@ fn bench(args: &[String]) -> Result {
         [name, rest @ ..] if name == "blockdevice" => return bench_blockdevice(rest),
         [name, rest @ ..] if name == "guest" => return guest::bench_guest(rest),
         [name, rest @ ..] if name == "qcow2" => return bench_qcow2::bench_qcow2(rest),
+        [name, rest @ ..] if name == "export" => return bench_export(rest),
         _ => {}
     }
     let mut c = cargo();
@@ -552,6 +559,15 @@ fn bench(args: &[String]) -> Result {
         return Err("usage: cargo xtask bench [NAME]".into());
     }
     run("bench", c)
+}
+
+/// Our vhost-user-blk export against qemu-storage-daemon's, from libblkio
+/// (`crates/export_bench`); builds the release `diskctl` first.
+fn bench_export(args: &[String]) -> Result {
+    let mut build = cargo();
+    build.args(["build", "--release", "--locked", "-p", "diskctl"]);
+    run("bench export: build diskctl", build)?;
+    run_release("bench export", &["-p", "export_bench", "--"], args)
 }
 
 /// The fio comparison of `disk_blockdevice`: an example binary, since it needs root, loop
