@@ -180,11 +180,33 @@ fn watch(
             Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {}
             Err(_) => return,
         }
-        // The read lock: other queues' threads serve theirs at the same time.
-        device.read().process_queue(index);
+        process(index, device, io.as_ref());
         served = Instant::now();
     }
 }
+
+/// Has the device process queue `index` under the read lock (other queues' threads serve
+/// theirs at the same time). While the control path holds the device (a restart takes the
+/// write lock and waits for the requests in flight, some of which may be on this thread's
+/// own ring), this thread keeps reaping its ring and finishing those requests, so that the
+/// wait ends.
+fn process(index: u16, device: &RwLock<BlockDevice>, io: Option<&IoThread>) {
+    loop {
+        if let Some(device) = device.try_read_for(LOCK_WAIT) {
+            device.process_queue(index);
+            return;
+        }
+        if let Some(io) = io {
+            defer_interrupts(|| {
+                io.dispatch(&[]);
+                io.run_local();
+            });
+        }
+    }
+}
+
+/// How long a kick thread waits for the device at a time before it reaps its own ring again.
+const LOCK_WAIT: Duration = Duration::from_millis(1);
 
 #[cfg(test)]
 mod tests {
@@ -210,6 +232,70 @@ mod tests {
             assert!(Instant::now() < deadline, "the kick thread still runs");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A driver that stands for a request in flight on the kick thread's ring: its
+    /// completion, reaped by `dispatch`, is what the thread holding the device waits for.
+    struct InFlight {
+        fd: EventFd,
+        completed: std::sync::mpsc::Sender<()>,
+    }
+
+    impl disk_backend::io_thread::ThreadDriver for InFlight {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+        fn dispatch(&self) {
+            let _ = self.completed.send(());
+        }
+        fn detach(&self) {}
+    }
+
+    /// A kick that arrives while the control path holds the device and waits for requests
+    /// in flight on the kick thread's own ring: the kick thread must keep reaping that ring
+    /// while it waits for the device, or neither ever proceeds (it used to block in the
+    /// device lock).
+    #[test]
+    fn a_kick_thread_waiting_for_the_device_keeps_reaping_its_ring() {
+        let disk = Disk::new(RamDisk::new(64, 512).unwrap()).unwrap();
+        let device = Arc::new(RwLock::new(
+            BlockDevice::new(BlockConfig::default(), disk).unwrap(),
+        ));
+        let (completed, completion) = std::sync::mpsc::channel();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        // The control path: holds the device until the request in flight completes.
+        let holder = std::thread::spawn({
+            let device = device.clone();
+            move || {
+                let _guard = device.write();
+                locked.send(()).unwrap();
+                completion
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the request in flight completed while the device was held");
+            }
+        });
+        is_locked.recv().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let kick = std::thread::spawn({
+            let device = device.clone();
+            move || {
+                let io = IoThread::enter().unwrap();
+                disk_backend::io_thread::driver(|| {
+                    Some(InFlight {
+                        fd: EventFd::new().unwrap(),
+                        completed,
+                    })
+                })
+                .unwrap();
+                process(0, &device, Some(&io));
+                done.send(()).unwrap();
+            }
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the kick thread got the device once the holder let go");
+        holder.join().unwrap();
+        kick.join().unwrap();
     }
 
     #[test]
