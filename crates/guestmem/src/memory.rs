@@ -615,13 +615,14 @@ impl GuestMemoryBuilder {
     /// the new set from the regions that stay, while requests in flight finish on the old
     /// handle, whose memory is still there.
     pub fn include(mut self, memory: &GuestMemory) -> Self {
-        self.regions.extend(memory.inner.regions.iter().map(|r| Region {
-            gpa: r.gpa,
-            len: r.len,
-            host: r.host,
-            writable: r.writable,
-            _backing: r._backing.clone(),
-        }));
+        self.regions
+            .extend(memory.inner.regions.iter().map(|r| Region {
+                gpa: r.gpa,
+                len: r.len,
+                host: r.host,
+                writable: r.writable,
+                _backing: r._backing.clone(),
+            }));
         self
     }
 
