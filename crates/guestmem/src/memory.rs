@@ -62,6 +62,13 @@ struct Mapping {
     len: usize,
 }
 
+// SAFETY: a `Mapping` owns an address range it unmaps once, when dropped; it never reads or
+// writes through the pointer, and `munmap` may be called from any thread. Sharing a
+// region's backing between handles on different threads (an `Arc`) is therefore sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: a shared `Mapping` gives access to nothing.
+unsafe impl Sync for Mapping {}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` describe a mapping created by `mmap` that nothing else unmaps.
