@@ -22,6 +22,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vhost_user_blk::{ServeError, Server};
 use virtio_block::BlockConfig;
 
@@ -151,9 +152,11 @@ fn complete(queue: &mut Blkioq, count: usize) -> Vec<(usize, i32)> {
     let mut done = Vec::new();
     while done.len() < count {
         let want = count - done.len();
+        // A guard against a hang, not a timing assertion.
+        let mut timeout = Duration::from_secs(120);
         let n = queue
-            .do_io(&mut slots[..want], want, None, None)
-            .expect("do_io");
+            .do_io(&mut slots[..want], want, Some(&mut timeout), None)
+            .expect("do_io (completions within the guard)");
         for slot in &slots[..n] {
             // SAFETY: every slot was initialised above, and `do_io` only writes whole
             // completions into the slots it fills.
