@@ -375,3 +375,38 @@ fn a_region_without_its_file_descriptor_ends_the_connection() {
     );
     assert!(!backend.is_running(0));
 }
+
+/// The memory slot messages need the protocol feature: a frontend that did not negotiate
+/// `CONFIGURE_MEM_SLOTS` and sends `GET_MAX_MEM_SLOTS` anyway loses its connection.
+#[test]
+fn memory_slot_messages_without_the_feature_end_the_connection() {
+    use nix::sys::socket::{MsgFlags, sendmsg};
+    use std::io::IoSlice;
+    let backend = ram_backend();
+    let mut fe = TestFrontend::connect(backend, 1);
+    fe.negotiate_features();
+    let mut message = Vec::new();
+    // GET_MAX_MEM_SLOTS (36), version 1, no body.
+    for word in [36u32, 0x1, 0] {
+        message.extend_from_slice(&word.to_le_bytes());
+    }
+    sendmsg::<()>(
+        fe.raw.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    let end = fe.disconnect();
+    assert!(
+        matches!(
+            end,
+            SessionEnd::Failed {
+                request: Some(36),
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+}
