@@ -767,6 +767,7 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
     );
     let qemu_file = img("qemu-file");
     let (overlay, qcow2_base) = (dir.join("overlay.qcow2"), img("qcow2-base"));
+    let plain = img("blockdev");
     let fixed = img("blockdev-fixed");
     let qemu_fixed = img("qemu-blockdev-fixed");
     let (restart_a, restart_b) = (img("qemu-restart-a"), img("qemu-restart-b"));
@@ -876,6 +877,27 @@ fn cases(kind: ExportKind, dir: &Path) -> Result<Vec<Case>> {
             sectors,
             lbs: 512,
             host: HostSide::default(),
+            untouched: None,
+            pinned: false,
+            restart: false,
+            qcow2: None,
+        },
+        // io_uring with O_DIRECT and the default options: each of the export's queue threads
+        // submits the guest's requests to a ring of its own and reaps it itself.
+        Case {
+            frontend: Frontend::Uml,
+            name: "blockdev",
+            kind,
+            spec: format!("blockdev({})", plain.display()),
+            images: vec![(plain.clone(), DISK_BYTES)],
+            read_only: false,
+            sectors,
+            lbs: 512,
+            host: HostSide {
+                file_check: Some(plain),
+                resize: None,
+                restart: None,
+            },
             untouched: None,
             pinned: false,
             restart: false,

@@ -43,6 +43,12 @@
 //!   striped sector lives on one member, a layered read takes each sector from one layer.
 //!   `disk_conformance::sector_atomicity` checks it for every backend.
 //!
+//! # Threads
+//!
+//! A request's future may be polled on any thread. A thread that already waits for events
+//! (a device queue's kick loop) can also drive its disks' I/O itself, with no completion
+//! thread in between: see [`io_thread`].
+//!
 //! ```
 //! use disk_backend::{Disk, DiskError, DiskIo, UnmapBehavior};
 //! use request_buffers::{OwnedRequestBuffers, RequestBuffers};
@@ -88,6 +94,8 @@
 mod disk;
 mod error;
 pub mod host_file;
+#[cfg(unix)]
+pub mod io_thread;
 pub mod pr;
 pub mod range_lock;
 pub mod resolve;

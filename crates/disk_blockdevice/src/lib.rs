@@ -41,9 +41,23 @@
 //!   submission, reaps whatever completions are queued (up to 32 at a time) and wakes their
 //!   futures. On a busy executor most completions are found this way, on the executor's own
 //!   thread. Always on.
-//! - [`Completions::Thread`] (the default): a completion thread per disk sleeps in
-//!   `io_uring_enter` and wakes the futures whose completions nobody reaped inline, so a
-//!   future whose executor sleeps is woken too. Works under every executor.
+//! - **Thread rings**, the default wherever a thread drives its own I/O: a thread inside a
+//!   [`disk_backend::io_thread::IoThread`] (the vhost-user export's queue threads,
+//!   `diskctl bench`) has a ring of its own, made on first use, and the requests first
+//!   polled on it go there rather than to the disk's ring. The ring signals an eventfd
+//!   (`IORING_REGISTER_EVENTFD`) that the thread waits on with its other events; it reaps
+//!   its completions itself and runs the woken futures there, so a request costs no thread
+//!   hand-off from kick to completion. One ring serves every disk polled on the thread
+//!   (its entries name each disk's descriptor instead of a registered file). Used by disks
+//!   in [`Completions::Thread`] mode without fixed buffers
+//!   ([`BlockDeviceOptions::thread_rings`]; `completions=thread` in a spec turns it off).
+//!   When the `IoThread` ends with requests in flight, its ring gets a completion thread.
+//!   A thread inside an `IoThread` must wait only through its loop: blocking it on a
+//!   request some other way (a nested `block_on`) would wait for completions nobody reaps.
+//! - [`Completions::Thread`] (the default mode of the disk's own ring): a completion thread
+//!   per disk sleeps in `io_uring_enter` and wakes the futures whose completions nobody
+//!   reaped inline, so a future whose executor sleeps is woken too. Works under every
+//!   executor.
 //! - [`Completions::Tokio`] (cargo feature `tokio`, on by default): no completion thread.
 //!   The disk registers an eventfd with the ring (`IORING_REGISTER_EVENTFD`), and a task on
 //!   the tokio runtime that is current at [`BlockDeviceDisk::open`] waits for it through the

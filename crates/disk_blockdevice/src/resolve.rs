@@ -17,7 +17,7 @@ impl ResolveDisk for BlockDeviceResolver {
     }
 
     fn usage(&self) -> &str {
-        "blockdev(PATH, [ro], [buffered], [fixed_buffers], [queue_depth=N], [sector_size=BYTES], [spin_us=N], [completions=thread|tokio]): a block device or file through io_uring, O_DIRECT unless buffered; fixed_buffers registers (and pins) the guest memory the frontend announces; completions reaped by a thread (default) or a task on the current tokio runtime"
+        "blockdev(PATH, [ro], [buffered], [fixed_buffers], [queue_depth=N], [sector_size=BYTES], [spin_us=N], [completions=thread|tokio]): a block device or file through io_uring, O_DIRECT unless buffered; fixed_buffers registers (and pins) the guest memory the frontend announces; completions reaped by the thread that polled the request where it drives its own I/O (diskctl serve and bench), else by the disk's completion thread (default), always by the completion thread (completions=thread), or by a task on the current tokio runtime (completions=tokio)"
     }
 
     fn resolve(&self, ctx: &ResolveContext<'_>, args: &Args<'_>) -> Result<Disk, ResolveError> {
@@ -36,7 +36,10 @@ impl ResolveDisk for BlockDeviceResolver {
             .named_size(ctx, "sector_size")?
             .unwrap_or(defaults.file_sector_size.into());
         let spin_us = args.named_u64(ctx, "spin_us")?.unwrap_or(0);
-        let completions = match args.named_text(ctx, "completions")? {
+        let named = args.named_text(ctx, "completions")?;
+        // Named explicitly, `thread` keeps every request on the disk's own ring.
+        let thread_rings = named.is_none();
+        let completions = match named {
             None | Some("thread") => Completions::Thread,
             #[cfg(feature = "tokio")]
             Some("tokio") => Completions::Tokio,
@@ -78,6 +81,7 @@ impl ResolveDisk for BlockDeviceResolver {
             completion_spin: Duration::from_micros(spin_us),
             completions,
             fixed_buffers,
+            thread_rings,
             ..defaults
         };
         let disk = BlockDeviceDisk::open(path, &options)

@@ -422,9 +422,10 @@ pub fn run(disk: &Disk, config: &Config, progress: &Progress) -> Result<Report, 
         memory,
         pages_per_block,
     };
-    let results = futures::executor::block_on(join_all(
-        (0..config.queue_depth).map(|worker| run_worker(&shared, worker as u64, read_percent)),
-    ));
+    let results =
+        drive(join_all((0..config.queue_depth).map(|worker| {
+            run_worker(&shared, worker as u64, read_percent)
+        })));
     let elapsed = shared.start.elapsed();
     let mut stats = WorkerStats::default();
     for result in results {
@@ -543,6 +544,17 @@ async fn worker_loop(
             .fetch_add(config.block_size, Ordering::Relaxed);
     }
     Ok(stats)
+}
+
+/// Runs `future` on this thread, which drives the I/O of the disks it polls
+/// ([`disk_backend::io_thread`]: an io_uring disk submits to this thread's ring and this
+/// thread reaps it, as a vhost-user queue thread does); on a thread that already does, or
+/// where that cannot be set up, with a plain executor.
+pub(crate) fn drive<F: Future>(future: F) -> F::Output {
+    match disk_backend::io_thread::IoThread::enter() {
+        Ok(io) => io.block_on(future),
+        Err(_) => futures::executor::block_on(future),
+    }
 }
 
 #[cfg(test)]

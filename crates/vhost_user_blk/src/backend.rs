@@ -21,7 +21,7 @@ use crate::interrupt::Interrupt;
 use crate::kick::KickWorker;
 use crate::memory::{MAX_MEM_SLOTS, MapMemoryError, MemoryRegion, MemoryTable};
 use disk_backend::Disk;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -252,7 +252,9 @@ pub struct VhostUserBlk {
     queue_max_size: u16,
     /// The longest poll window of the kick threads, in nanoseconds.
     poll_max_ns: AtomicU64,
-    device: Arc<Mutex<BlockDevice>>,
+    /// Kick threads serve their queues under the read lock, in parallel; the control path
+    /// (messages, restarts) takes the write lock.
+    device: Arc<RwLock<BlockDevice>>,
     interrupt: Arc<Interrupt>,
     session: Mutex<Session>,
 }
@@ -272,7 +274,7 @@ impl VhostUserBlk {
         Ok(Self {
             queue_max_size,
             poll_max_ns: AtomicU64::new(DEFAULT_POLL_MAX.as_nanos() as u64),
-            device: Arc::new(Mutex::new(device)),
+            device: Arc::new(RwLock::new(device)),
             interrupt: Arc::new(Interrupt::new(queues)),
             session: Mutex::new(Session::new(queues)),
         })
@@ -302,7 +304,7 @@ impl VhostUserBlk {
         // Kick threads take the device lock: stop them before taking it.
         let old = std::mem::replace(&mut *session, Session::new(queues));
         drop(old);
-        self.device.lock().reset();
+        self.device.write().reset();
         self.interrupt.clear();
     }
 
@@ -320,7 +322,7 @@ impl VhostUserBlk {
         fresh.inflight = session.inflight.take();
         let old = std::mem::replace(&mut *session, fresh);
         drop(old);
-        self.device.lock().reset();
+        self.device.write().reset();
         for index in 0..usize::from(queues) {
             self.interrupt.set_call(index, None);
         }
@@ -441,7 +443,7 @@ impl VhostUserBlk {
                 }
             }
         }
-        let mut device = self.device.lock();
+        let mut device = self.device.write();
         if device.is_activated() {
             // Waits for the requests in flight; the indices carry over to the restart.
             let states = device.save_queues();
@@ -577,18 +579,18 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     }
 
     fn get_features(&self) -> Result<u64> {
-        Ok(self.device.lock().avail_features() | PROTOCOL_FEATURES)
+        Ok(self.device.read().avail_features() | PROTOCOL_FEATURES)
     }
 
     fn set_features(&self, features: u64) -> Result<()> {
-        let offered = self.device.lock().avail_features() | PROTOCOL_FEATURES;
+        let offered = self.device.read().avail_features() | PROTOCOL_FEATURES;
         if features & !offered != 0 {
             return Err(RequestError::Features(features & !offered).into());
         }
         let mut session = self.session.lock();
         session.acked_features = features;
         self.device
-            .lock()
+            .write()
             .set_acked_features(features & !PROTOCOL_FEATURES);
         self.apply_reply(&mut session, true)
     }
@@ -693,7 +695,7 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
         self.apply_reply(&mut session, false)?;
         if session.live[i] {
             // The old kick fd may have been signalled after the old worker stopped.
-            self.device.lock().process_queue(index.into());
+            self.device.read().process_queue(index.into());
         }
         Ok(())
     }
@@ -747,7 +749,7 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
             return Err(RequestError::ConfigRange { offset, size: len }.into());
         }
         let mut data = vec![0; len];
-        self.device.lock().read_config(offset.into(), &mut data);
+        self.device.read().read_config(offset.into(), &mut data);
         Ok(data)
     }
 
@@ -759,7 +761,7 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
             }
             .into());
         }
-        self.device.lock().write_config(offset.into(), buf);
+        self.device.write().write_config(offset.into(), buf);
         Ok(())
     }
 

@@ -430,8 +430,8 @@ impl VirtioDevice for BlockDevice {
         self.engine.is_some()
     }
 
-    fn process_queue(&mut self, queue_index: u16) {
-        match &mut self.engine {
+    fn process_queue(&self, queue_index: u16) {
+        match &self.engine {
             Some(Engine::Sync(engine)) => engine.process(queue_index),
             Some(Engine::Disk(engine)) => engine.process(queue_index),
             None => {}

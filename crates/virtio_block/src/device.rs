@@ -173,7 +173,11 @@ pub struct ConfigState {
 /// ([`queues_mut`](Self::queues_mut)), then calls [`activate`](Self::activate) once, on
 /// `DRIVER_OK`. From then on notifications arrive through
 /// [`process_queue`](Self::process_queue), until [`reset`](Self::reset).
-pub trait VirtioDevice: Send {
+///
+/// `process_queue` takes `&self`: a transport may call it from one thread per queue at once
+/// (behind a read lock, say, with the control path's `&mut self` calls behind the write
+/// lock), and the queues are then served in parallel.
+pub trait VirtioDevice: Send + Sync {
     /// The device type.
     fn device_type(&self) -> VirtioDeviceType;
 
@@ -218,8 +222,9 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 
     /// The driver notified queue `queue_index`. Ignored for a queue that does not exist or
-    /// is not live. Never blocks on I/O in an asynchronous device.
-    fn process_queue(&mut self, queue_index: u16);
+    /// is not live. Never blocks on I/O in an asynchronous device. Calls for different
+    /// queues run in parallel; calls for the same queue are serialised by the device.
+    fn process_queue(&self, queue_index: u16);
 
     /// Whether the device hit an error only a reset can clear (`DEVICE_NEEDS_RESET`).
     fn needs_reset(&self) -> bool;

@@ -140,7 +140,7 @@ pub fn run(args: &WriterArgs) -> Result<(), String> {
         flush_before_unmap: args.flush_before_unmap,
         deadline: Instant::now() + Duration::from_secs(args.max_seconds),
     };
-    let results = futures::executor::block_on(join_all(
+    let results = crate::workload::drive(join_all(
         (0..queue_depth as u64).map(|worker| run_worker(&shared, worker, args.seed)),
     ));
     results.into_iter().collect::<Result<Vec<()>, String>>()?;

@@ -22,6 +22,11 @@
 //! heads it has not got back cannot make the device hold more. When the limit is reached the
 //! queue is left alone until a completion frees a slot, which resumes popping.
 //!
+//! A thread that drives its own I/O ([`disk_backend::io_thread`], as the vhost-user export's
+//! queue threads do) takes the executor thread's place for the requests its disks complete
+//! on it: their tasks run there, and the whole path from kick to interrupt stays on one
+//! thread (wrap that thread's work in [`defer_interrupts`]).
+//!
 //! The executor thread also runs a task awaiting [`Disk::wait_resize`], which updates the
 //! capacity, bumps the configuration generation and raises a configuration-change interrupt.
 //!
@@ -44,6 +49,7 @@ use crate::queue::{QueueError, QueueState, SplitQueue};
 use crate::request::{self, DataSegments, Operation, Request, SectorRange};
 use crate::spec::blk;
 use async_task::Runnable;
+use disk_backend::io_thread;
 use disk_backend::{Disk, DiskError, UnmapBehavior};
 use futures::future::{AbortHandle, Abortable};
 use guestmem::{MemoryRead, PAGE_SIZE, PagedRange};
@@ -104,8 +110,12 @@ impl RunQueue {
         };
         let queue = self.clone();
         let (runnable, task) = async_task::spawn(future, move |runnable| {
-            queue.state.lock().queued.push_back(runnable);
-            queue.ready.notify_one();
+            // Woken on a thread that drives its own I/O (a queue thread whose ring reaped the
+            // completion): it runs there, before that thread sleeps again.
+            if let Err(runnable) = io_thread::schedule_local(runnable) {
+                queue.state.lock().queued.push_back(runnable);
+                queue.ready.notify_one();
+            }
         });
         task.detach();
         runnable
@@ -157,6 +167,16 @@ thread_local! {
     /// batch (`None` outside one).
     static UNSIGNALLED: RefCell<Option<SmallVec<[Arc<QueueWorker>; 4]>>> =
         const { RefCell::new(None) };
+}
+
+/// Runs `work` with used-buffer interrupts deferred to its end: each queue that completed
+/// requests meanwhile asks its driver once whether it wants an interrupt. A thread that runs
+/// request tasks itself (an [`IoThread`](disk_backend::io_thread::IoThread)'s local tasks)
+/// wraps them in this, as the engine's own threads do. Nested calls join the outer one.
+pub fn defer_interrupts<R>(work: impl FnOnce() -> R) -> R {
+    let mut result = None;
+    Notifications::batch(|| result = Some(work()));
+    result.expect("the work ran")
 }
 
 /// Used-buffer interrupts deferred to the end of a batch of work on one thread.

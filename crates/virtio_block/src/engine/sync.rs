@@ -162,7 +162,14 @@ pub(crate) struct SyncEngine {
     backend: Arc<dyn BlockBackend>,
     ctx: EngineContext,
     capacity: u64,
-    queues: Vec<Option<SplitQueue>>,
+    /// Each queue behind its own lock, so that queues are served in parallel.
+    queues: Vec<Option<Mutex<SyncQueue>>>,
+}
+
+/// One live queue of the synchronous engine.
+struct SyncQueue {
+    queue: SplitQueue,
+    /// The queue's bounce buffer, kept from request to request.
     buffer: Vec<u8>,
 }
 
@@ -177,8 +184,17 @@ impl SyncEngine {
             backend,
             ctx,
             capacity,
-            queues,
-            buffer: Vec::new(),
+            queues: queues
+                .into_iter()
+                .map(|queue| {
+                    queue.map(|queue| {
+                        Mutex::new(SyncQueue {
+                            queue,
+                            buffer: Vec::new(),
+                        })
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -186,25 +202,21 @@ impl SyncEngine {
     pub fn queue_states(&self) -> Vec<Option<crate::queue::QueueState>> {
         self.queues
             .iter()
-            .map(|q| q.as_ref().map(SplitQueue::state))
+            .map(|q| q.as_ref().map(|q| q.lock().queue.state()))
             .collect()
     }
 
     /// Serves every request available on queue `index`, inline.
-    pub fn process(&mut self, index: u16) {
+    pub fn process(&self, index: u16) {
         if self.ctx.failed() {
             return;
         }
-        let Some(Some(queue)) = self.queues.get_mut(usize::from(index)) else {
+        let Some(Some(queue)) = self.queues.get(usize::from(index)) else {
             return;
         };
-        let result = serve_queue(
-            queue,
-            &self.ctx,
-            &*self.backend,
-            self.capacity,
-            &mut self.buffer,
-        );
+        let mut queue = queue.lock();
+        let SyncQueue { queue, buffer } = &mut *queue;
+        let result = serve_queue(queue, &self.ctx, &*self.backend, self.capacity, buffer);
         // Even after an error, buffers may have been returned: tell the driver.
         match queue.needs_notification() {
             Ok(true) => self.ctx.interrupt.signal_used_queue(index),
