@@ -1,7 +1,8 @@
 //! The vhost-user-blk backend under a hostile frontend, two ways:
 //!
 //! - calls: the backend's message handlers called directly (as the `vhost` crate does once it
-//!   has decoded a message) with arbitrary memory tables over shared memfds, ring sizes,
+//!   has decoded a message) with arbitrary memory tables over shared memfds, regions added
+//!   and removed one by one (`ADD_MEM_REG`, `REM_MEM_REG`), ring sizes,
 //!   addresses, bases, kicks, enables, features, configuration reads and writes and resets,
 //!   while the target pokes guest memory;
 //! - bytes: arbitrary messages (header, body, attached descriptors) written to a socket and
@@ -9,7 +10,8 @@
 //!   server's `SET_MEM_TABLE` decoder (`memory::decode_mem_table`) and the handlers.
 //!
 //! Oracle: nothing panics or hangs. A memory table the backend accepts is one
-//! `MemoryTable::map` accepts; the table translates a user address exactly when one of its
+//! `MemoryTable::map` accepts, a region it adds one `MemoryTable::with_region` adds, a
+//! region it removes one `MemoryTable::without_region` finds; the table translates a user address exactly when one of its
 //! regions holds it, to that region's guest address plus the offset, which lies in mapped
 //! memory; a ring the backend runs has its descriptor table, available and used rings
 //! translated from their user addresses and wholly inside the mapped memory; a
@@ -31,9 +33,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use vhost::vhost_user::VhostUserBackendReqHandler;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserVringAddrFlags,
+    VhostUserConfigFlags, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
+    VhostUserVringAddrFlags,
 };
-use vhost_user_blk::memory::{MemoryRegion, MemoryTable, decode_mem_table};
+use vhost_user_blk::memory::{MAX_MEM_SLOTS, MemoryRegion, MemoryTable, decode_mem_table};
 use vhost_user_blk::{VhostUserBlk, serve_connection};
 use virtio_block::BlockConfig;
 
@@ -158,6 +161,8 @@ enum Call {
         bytes: [u8; 8],
     },
     ResetDevice,
+    AddMemReg(Region),
+    RemMemReg(Region),
 }
 
 /// A message for the socket: request code, flags, body, and how many descriptors ride
@@ -174,6 +179,29 @@ struct Message {
 
 /// `VHOST_USER_SET_MEM_TABLE`.
 const SET_MEM_TABLE: u32 = 5;
+/// `VHOST_USER_ADD_MEM_REG`.
+const ADD_MEM_REG: u32 = 37;
+
+impl Region {
+    fn describe(&self) -> MemoryRegion {
+        MemoryRegion {
+            guest_phys_addr: self.guest.get(0),
+            memory_size: u64::from(self.pages % (FILE_PAGES as u8 + 2)) * PAGE,
+            user_addr: self.user.get(USER_BASE),
+            mmap_offset: self.file_offset.get(0),
+        }
+    }
+
+    fn single(&self) -> VhostUserSingleMemoryRegion {
+        let r = self.describe();
+        VhostUserSingleMemoryRegion::new(
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+        )
+    }
+}
 
 struct Model {
     /// The table the backend holds, mapped on our side too.
@@ -225,12 +253,7 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                     .take(4)
                     .map(|r| {
                         files.push(&fixture.files[usize::from(r.file) % FILES]);
-                        MemoryRegion {
-                            guest_phys_addr: r.guest.get(0),
-                            memory_size: u64::from(r.pages % (FILE_PAGES as u8 + 2)) * PAGE,
-                            user_addr: r.user.get(USER_BASE),
-                            mmap_offset: r.file_offset.get(0),
-                        }
+                        r.describe()
                     })
                     .collect();
                 let owned: Vec<File> = files.iter().map(|f| f.try_clone().unwrap()).collect();
@@ -345,6 +368,39 @@ fn run_calls(u: &mut Unstructured<'_>, fixture: &Fixture) {
                     let _ = table.memory().write_at(at.get(0), &bytes);
                 }
             }
+            Call::AddMemReg(r) => {
+                let file = fixture.files[usize::from(r.file) % FILES]
+                    .try_clone()
+                    .unwrap();
+                let empty = MemoryTable::empty();
+                let expected = model.table.as_ref().unwrap_or(&empty).with_region(
+                    &r.describe(),
+                    &file,
+                    MAX_MEM_SLOTS,
+                );
+                let result = backend.add_mem_region(&r.single(), file, None);
+                match expected {
+                    Ok(table) => model.table = Some(table),
+                    Err(e) => assert!(
+                        result.is_err(),
+                        "the backend added a region `with_region` refuses: {e}"
+                    ),
+                }
+            }
+            Call::RemMemReg(r) => {
+                let expected = model
+                    .table
+                    .as_ref()
+                    .and_then(|t| t.without_region(&r.describe()));
+                let result = backend.remove_mem_region(&r.single());
+                match expected {
+                    Some(table) => model.table = Some(table),
+                    None => assert!(
+                        result.is_err(),
+                        "the backend removed a region it does not hold"
+                    ),
+                }
+            }
             Call::ResetDevice => {
                 let _ = backend.reset_device();
                 model.rings = [None; QUEUES as usize];
@@ -398,13 +454,14 @@ fn run_bytes(u: &mut Unstructured<'_>, fixture: &Fixture) {
         bytes.extend_from_slice(&u32::from(message.flags & 0xf).to_le_bytes());
         bytes.extend_from_slice(&size.to_le_bytes());
         bytes.extend_from_slice(body);
+        let memory = request == SET_MEM_TABLE || request == ADD_MEM_REG;
         if request == SET_MEM_TABLE {
             // The server's own decoder, on the body as it will receive it.
             let _ = decode_mem_table(body, 32);
         }
         let files: Vec<File> = (0..message.fds % 5)
             .map(|i| {
-                if request == SET_MEM_TABLE {
+                if memory {
                     fixture.files[usize::from(i) % FILES].try_clone().unwrap()
                 } else {
                     eventfd()

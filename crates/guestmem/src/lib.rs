@@ -3,7 +3,9 @@
 //! [`GuestMemory`] maps guest physical addresses (GPAs) to host memory made of one or more
 //! regions: heap allocations (tests, bounce buffers), anonymous or fd-backed `mmap`s (a VMM,
 //! vhost-user), or mappings owned elsewhere. Every access is bounds-checked and fails with an
-//! [`AccessError`]; none panics.
+//! [`AccessError`]; none panics. A handle never changes: to add or remove a region at run
+//! time, build a new handle that [includes](GuestMemoryBuilder::include) the regions that
+//! stay; whoever still holds the old handle (a request in flight) keeps its memory mapped.
 //!
 //! Guest RAM can change under us at any moment (another vCPU, a device), so this crate never
 //! creates a Rust reference (`&[u8]`, `&mut [u8]`) to it. Data moves with raw pointer copies

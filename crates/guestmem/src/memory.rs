@@ -13,10 +13,11 @@ const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// A cheap-clone handle to guest RAM.
 ///
-/// Guest RAM is a set of non-overlapping regions, each a page-aligned run of guest physical
-/// addresses backed by host memory the handle keeps alive. Cloning the handle clones an
-/// `Arc`; the regions are unmapped when the last clone (or [`LockedPages`](crate::LockedPages))
-/// goes away.
+/// Guest RAM is a set of non-overlapping regions, each a run of guest physical addresses
+/// backed by host memory the handle keeps alive. Cloning the handle clones an `Arc`; a
+/// region's memory is unmapped when the last handle that holds it (a clone, a
+/// [`LockedPages`](crate::LockedPages), or another handle that took the region over with
+/// [`GuestMemoryBuilder::include`]) goes away.
 ///
 /// Why a struct and not a trait object: every request touches guest memory several times,
 /// and a concrete type keeps those accesses free of dynamic dispatch and lets
@@ -37,11 +38,12 @@ struct Region {
     len: u64,
     host: *mut u8,
     writable: bool,
-    _backing: Backing,
+    /// Shared with every handle the region was [included](GuestMemoryBuilder::include) in.
+    _backing: Arc<Backing>,
 }
 
-// SAFETY: `host` points into `_backing`, which the region owns (or keeps alive) and which has
-// no thread affinity; all access through `host` is by raw copies that tolerate concurrent
+// SAFETY: `host` points into `_backing`, which the region keeps alive and which has no
+// thread affinity; all access through `host` is by raw copies that tolerate concurrent
 // writers.
 unsafe impl Send for Region {}
 // SAFETY: as above: shared access to a `Region` only ever reads `host` and copies through it.
@@ -59,6 +61,13 @@ struct Mapping {
     ptr: *mut u8,
     len: usize,
 }
+
+// SAFETY: a `Mapping` owns an address range it unmaps once, when dropped; it never reads or
+// writes through the pointer, and `munmap` may be called from any thread. Sharing a
+// region's backing between handles on different threads (an `Arc`) is therefore sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: a shared `Mapping` gives access to nothing.
+unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
@@ -300,13 +309,13 @@ impl GuestMemory {
             return Err(misaligned);
         }
         let Some(host) = self.single_region(gpa, size, write) else {
-            // Not backed, read-only, or (impossible for an aligned access, since regions
-            // start on pages) split between regions: the general check says which.
+            // Not backed, read-only, or split between two regions (possible only where a
+            // region starts or ends off a page boundary): the general check says which.
             self.check_range(gpa, size, write)?;
             return Err(misaligned);
         };
-        // Regions are page-aligned in guest addresses but only `external` callers decide the
-        // host address, which need not be aligned at all.
+        // A region's guest and host addresses need not agree in alignment (an `external`
+        // caller decides the host address, and a file region may start anywhere in a page).
         if !(host as usize).is_multiple_of(size) {
             return Err(misaligned);
         }
@@ -367,8 +376,11 @@ impl GuestMemory {
 
 /// Describes the regions of a [`GuestMemory`].
 ///
-/// Every region starts at a page-aligned guest physical address and is a non-zero multiple of
-/// the page size; regions may not overlap.
+/// Memory this crate allocates ([`heap`](Self::heap), [`anonymous`](Self::anonymous)) is
+/// whole pages at page-aligned guest addresses. Memory handed in ([`file`](Self::file),
+/// [`external`](Self::external)) may be any non-empty byte range at any guest address, as a
+/// vhost-user frontend may describe it (libblkio announces a 15120-byte ring region).
+/// Regions may not overlap.
 ///
 /// ```
 /// use guestmem::GuestMemory;
@@ -386,8 +398,17 @@ pub struct GuestMemoryBuilder {
 }
 
 impl GuestMemoryBuilder {
+    /// Checks a region of whole pages at a page-aligned address; its length in bytes.
     fn check(gpa: u64, len: u64) -> Result<usize, BuildError> {
         if len == 0 || !gpa.is_multiple_of(PAGE_SIZE64) || !len.is_multiple_of(PAGE_SIZE64) {
+            return Err(BuildError::Unaligned { gpa, len });
+        }
+        Self::check_bytes(gpa, len)
+    }
+
+    /// Checks a region of any non-empty length at any address; its length in bytes.
+    fn check_bytes(gpa: u64, len: u64) -> Result<usize, BuildError> {
+        if len == 0 {
             return Err(BuildError::Unaligned { gpa, len });
         }
         if gpa.checked_add(len).is_none() || len > isize::MAX as u64 {
@@ -405,7 +426,7 @@ impl GuestMemoryBuilder {
             len,
             host: alloc.as_ptr(),
             writable: true,
-            _backing: Backing::Heap(alloc),
+            _backing: Arc::new(Backing::Heap(alloc)),
         });
         Ok(self)
     }
@@ -479,7 +500,13 @@ impl GuestMemoryBuilder {
     /// Adds a shared mapping of `len` bytes of `fd` starting at `file_offset`, as a VMM or a
     /// vhost-user backend maps the memory file descriptors it is given.
     ///
+    /// `gpa`, `len` and `file_offset` need no alignment: the pages that hold
+    /// `file_offset..file_offset + len` are mapped and the region is exactly the `len` bytes
+    /// asked for, so an access past its end is refused even where the last page goes on.
     /// The mapping stays valid after `fd` is closed.
+    ///
+    /// Touching a page that lies wholly past the end of a regular file raises `SIGBUS`: a
+    /// caller mapping memory it does not trust checks the file's size first.
     pub fn file(
         mut self,
         gpa: u64,
@@ -488,23 +515,42 @@ impl GuestMemoryBuilder {
         file_offset: u64,
         writable: bool,
     ) -> Result<Self, BuildError> {
-        let host_len = Self::check(gpa, len)?;
-        let offset =
-            libc::off_t::try_from(file_offset).map_err(|_| BuildError::TooLarge { gpa, len })?;
+        let host_len = Self::check_bytes(gpa, len)?;
+        let too_large = || BuildError::TooLarge { gpa, len };
+        // `mmap` takes a page-aligned offset: map from the page holding `file_offset` and
+        // start the region `lead` bytes into the mapping.
+        let lead = (file_offset % PAGE_SIZE64) as usize;
+        let offset = libc::off_t::try_from(file_offset - lead as u64).map_err(|_| too_large())?;
+        let mapped_len = host_len
+            .checked_add(lead)
+            .and_then(|n| n.checked_next_multiple_of(PAGE_SIZE))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(too_large)?;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
         };
-        let host = Self::mmap(
+        let base = Self::mmap(
             gpa,
-            host_len,
+            mapped_len,
             prot,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
             offset,
         )?;
-        self.push_mapping(gpa, host, host_len, writable);
+        let backing = Arc::new(Backing::Mapping(Mapping {
+            ptr: base,
+            len: mapped_len,
+        }));
+        self.regions.push(Region {
+            gpa,
+            len,
+            // `lead < PAGE_SIZE <= mapped_len`: inside the mapping just made.
+            host: base.wrapping_add(lead),
+            writable,
+            _backing: backing,
+        });
         Ok(self)
     }
 
@@ -537,14 +583,14 @@ impl GuestMemoryBuilder {
             len: len as u64,
             host,
             writable,
-            _backing: Backing::Mapping(Mapping { ptr: host, len }),
+            _backing: Arc::new(Backing::Mapping(Mapping { ptr: host, len })),
         });
     }
 
     /// Adds host memory mapped by someone else.
     ///
     /// `keep_alive` is held for as long as any handle to the memory exists; dropping it must
-    /// be what releases the memory (if anything does).
+    /// be what releases the memory (if anything does). `gpa` and `len` need no alignment.
     ///
     /// # Safety
     ///
@@ -559,15 +605,32 @@ impl GuestMemoryBuilder {
         writable: bool,
         keep_alive: Arc<dyn Any + Send + Sync>,
     ) -> Result<Self, BuildError> {
-        Self::check(gpa, len)?;
+        Self::check_bytes(gpa, len)?;
         self.regions.push(Region {
             gpa,
             len,
             host,
             writable,
-            _backing: Backing::External(keep_alive),
+            _backing: Arc::new(Backing::External(keep_alive)),
         });
         Ok(self)
+    }
+
+    /// Adds every region of `memory`, sharing its host memory: nothing is mapped or copied,
+    /// and each region stays mapped while any handle that holds it lives. This is how guest
+    /// memory changes at run time (a vhost-user frontend adding or removing a region): build
+    /// the new set from the regions that stay, while requests in flight finish on the old
+    /// handle, whose memory is still there.
+    pub fn include(mut self, memory: &GuestMemory) -> Self {
+        self.regions
+            .extend(memory.inner.regions.iter().map(|r| Region {
+                gpa: r.gpa,
+                len: r.len,
+                host: r.host,
+                writable: r.writable,
+                _backing: r._backing.clone(),
+            }));
+        self
     }
 
     /// Validates that no regions overlap and builds the handle.
@@ -876,6 +939,142 @@ mod tests {
         let mut back = [0; 2];
         file.read_exact_at(&mut back, PAGE_SIZE64).unwrap();
         assert_eq!(&back, b"HI");
+    }
+
+    /// libblkio announces its rings as one region of exactly the bytes they need (15120 for
+    /// a 256-entry queue), at the address it has them mapped: a region that is not a whole
+    /// number of pages. It used to be refused as unaligned.
+    #[test]
+    fn a_file_region_of_any_size_is_exactly_that_size() {
+        use std::os::unix::fs::FileExt;
+        const RING_BYTES: u64 = 15120;
+        let file = tempfile_with_len(RING_BYTES as usize);
+        let gpa = 0x7f12_3456_7000;
+        let mem = GuestMemory::builder()
+            .file(gpa, RING_BYTES, std::os::fd::AsFd::as_fd(&file), 0, true)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(mem.regions().collect::<Vec<_>>(), [(gpa, RING_BYTES, true)]);
+        mem.write_plain(gpa + RING_BYTES - 2, &0xbeefu16).unwrap();
+        let mut back = [0u8; 2];
+        file.read_exact_at(&mut back, RING_BYTES - 2).unwrap();
+        assert_eq!(u16::from_ne_bytes(back), 0xbeef);
+        // The last page goes on past the region; the region does not.
+        let end = gpa + RING_BYTES;
+        assert_eq!(
+            mem.read_plain::<u8>(end),
+            Err(AccessError::OutOfRange { gpa: end, len: 1 })
+        );
+        assert!(mem.read_plain::<u32>(end - 2).is_err(), "straddles the end");
+        assert!(mem.fill_at(end - 1, 0, 2).is_err());
+        assert_eq!(mem.read_atomic_u16(end - 2).unwrap(), 0xbeef);
+        assert!(mem.read_atomic_u16(end).is_err());
+        let (_, host, _) = mem.host_regions().next().unwrap();
+        assert_eq!(host.len(), RING_BYTES as usize);
+    }
+
+    /// A region may start anywhere in its file and at any guest address: byte `i` of the
+    /// region is byte `file_offset + i` of the file.
+    #[test]
+    fn a_file_region_honours_an_unaligned_offset_and_address() {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile_with_len(3 * PAGE_SIZE);
+        let (gpa, offset, len) = (0x10_0064, PAGE_SIZE64 - 3, PAGE_SIZE64 + 10);
+        let mem = GuestMemory::builder()
+            .file(gpa, len, std::os::fd::AsFd::as_fd(&file), offset, true)
+            .unwrap()
+            .heap(0, PAGE_SIZE64)
+            .unwrap()
+            .build()
+            .unwrap();
+        let data: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+        mem.write_at(gpa, &data).unwrap();
+        let mut back = vec![0; data.len()];
+        file.read_exact_at(&mut back, offset).unwrap();
+        assert_eq!(back, data);
+        let mut before = [1u8; 3];
+        file.read_exact_at(&mut before, offset - 3).unwrap();
+        assert_eq!(before, [0; 3], "nothing written before the region");
+        assert!(mem.read_plain::<u8>(gpa - 1).is_err());
+        assert!(mem.read_plain::<u8>(gpa + len).is_err());
+        // Locking a page-list range that covers the region's first, partial page.
+        let gpns = [gpa / PAGE_SIZE64];
+        let range = crate::PagedRange::new((gpa % PAGE_SIZE64) as usize, 16, &gpns).unwrap();
+        assert_eq!(mem.lock(range, false).unwrap().len(), 16);
+        let range = crate::PagedRange::new(0, 16, &gpns).unwrap();
+        assert!(mem.lock(range, false).is_err(), "bytes before the region");
+    }
+
+    #[test]
+    fn bad_file_regions_are_errors() {
+        let file = tempfile_with_len(PAGE_SIZE);
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let build = |gpa, len, offset| GuestMemory::builder().file(gpa, len, fd, offset, true);
+        assert!(matches!(
+            build(0, 0, 0),
+            Err(BuildError::Unaligned { len: 0, .. })
+        ));
+        assert!(matches!(
+            build(u64::MAX - 10, 100, 0),
+            Err(BuildError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            build(0, u64::MAX, 0),
+            Err(BuildError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            build(0, isize::MAX as u64 - 10, PAGE_SIZE64 - 1),
+            Err(BuildError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            build(0, PAGE_SIZE64, u64::MAX - 10),
+            Err(BuildError::TooLarge { .. })
+        ));
+    }
+
+    /// Regions taken over by another handle keep their memory for both: the old handle (what
+    /// requests in flight hold) keeps working after the new one dropped a region, and the
+    /// new one after the old is gone.
+    #[test]
+    fn included_regions_share_their_memory() {
+        let file = tempfile_with_len(2 * PAGE_SIZE);
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let first = GuestMemory::builder()
+            .file(0, PAGE_SIZE64, fd, 0, true)
+            .unwrap()
+            .build()
+            .unwrap();
+        let second = GuestMemory::builder()
+            .file(0x10_0000, 100, fd, PAGE_SIZE64, true)
+            .unwrap()
+            .build()
+            .unwrap();
+        let both = GuestMemory::builder()
+            .include(&second)
+            .include(&first)
+            .build()
+            .unwrap();
+        assert_eq!(
+            both.regions().collect::<Vec<_>>(),
+            [(0, PAGE_SIZE64, true), (0x10_0000, 100, true)]
+        );
+        both.write_plain(0x10, &7u64).unwrap();
+        assert_eq!(first.read_plain::<u64>(0x10).unwrap(), 7);
+        // The table without the second region; the old one still reaches it.
+        let only_first = GuestMemory::builder().include(&first).build().unwrap();
+        drop((first, second));
+        assert!(only_first.read_plain::<u8>(0x10_0000).is_err());
+        both.write_plain(0x10_0000 + 92, &9u64).unwrap();
+        assert_eq!(both.read_plain::<u64>(0x10_0000 + 92).unwrap(), 9);
+        drop(both);
+        assert_eq!(only_first.read_plain::<u64>(0x10).unwrap(), 7);
+        // Including the same region twice is an overlap.
+        let twice = GuestMemory::builder()
+            .include(&only_first)
+            .include(&only_first)
+            .build();
+        assert!(matches!(twice, Err(BuildError::Overlap { gpa: 0 })));
     }
 
     fn tempfile_with_len(len: usize) -> std::fs::File {

@@ -8,11 +8,18 @@
 //! (waiting for the requests in flight), keeps each ring's indices, and activates it again
 //! with the new set. That happens a handful of times while a frontend sets up, never per
 //! request.
+//!
+//! The memory table changes while rings run when the frontend adds or removes regions
+//! (`CONFIGURE_MEM_SLOTS`): the handler builds the new table, then restarts the running
+//! rings in it the same way, so that requests in flight finish in the old memory (still
+//! mapped: their handle holds it) before the message is answered, and the rings' addresses
+//! are translated again through the new table. A ring whose memory is gone waits, stopped,
+//! until a region holding it comes back.
 
 use crate::inflight::{InflightError, InflightRegion, QueueInflight, Recovery};
 use crate::interrupt::Interrupt;
 use crate::kick::KickWorker;
-use crate::memory::{MapMemoryError, MemoryRegion, MemoryTable};
+use crate::memory::{MAX_MEM_SLOTS, MapMemoryError, MemoryRegion, MemoryTable};
 use disk_backend::Disk;
 use parking_lot::{Mutex, RwLock};
 use std::fs::File;
@@ -46,6 +53,7 @@ fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 /// How long, at most, a queue's thread keeps checking for the guest's next kick before it
@@ -111,9 +119,22 @@ pub enum RequestError {
         /// The frontend's address.
         user_addr: u64,
     },
-    /// The memory table could not be mapped.
+    /// The memory table, or a region added to it, could not be mapped.
     #[error("cannot map the memory table")]
     Memory(#[source] MapMemoryError),
+    /// `REM_MEM_REG` names no region of the table (regions are named by guest address,
+    /// size and user address).
+    #[error(
+        "no memory region {guest_phys_addr:#x}+{memory_size:#x} at user address {user_addr:#x} to remove"
+    )]
+    UnknownRegion {
+        /// The guest physical address named.
+        guest_phys_addr: u64,
+        /// The size named.
+        memory_size: u64,
+        /// The user address named.
+        user_addr: u64,
+    },
     /// A ring could not go live (misaligned or outside guest memory), or the device's I/O
     /// thread could not start.
     #[error("cannot start the rings")]
@@ -177,6 +198,10 @@ struct Vring {
     state: QueueState,
     enabled: bool,
     kick: Option<KickWorker>,
+    /// The ring ran until a region it lives in was removed (`REM_MEM_REG`): it waits,
+    /// stopped, for memory that holds it again, instead of failing the next message. Cleared
+    /// when it runs again or gets new addresses.
+    parked: bool,
 }
 
 #[derive(Debug)]
@@ -367,7 +392,20 @@ impl VhostUserBlk {
     /// Brings the device's running rings in line with what the frontend set up. With
     /// `restart`, running rings are restarted even if the set is unchanged (new memory,
     /// features or ring layout).
+    ///
+    /// A ring whose addresses are not in the memory table is left stopped; that is an error
+    /// (the frontend gave addresses outside its memory), unless `park` says the table lost
+    /// the ring's memory now (a region was removed) or the ring already waits for it.
     fn apply(&self, session: &mut Session, restart: bool) -> std::result::Result<(), RequestError> {
+        self.apply_with(session, restart, false)
+    }
+
+    fn apply_with(
+        &self,
+        session: &mut Session,
+        restart: bool,
+        park: bool,
+    ) -> std::result::Result<(), RequestError> {
         let queues = session.vrings.len();
         let mut want: Vec<bool> = (0..queues).map(|i| session.wanted(i)).collect();
         let running = session.live.iter().any(|&live| live);
@@ -381,7 +419,24 @@ impl VhostUserBlk {
                 continue;
             }
             match self.queue_config(session, index) {
-                Ok(c) => *config = c,
+                Ok(c) => {
+                    *config = c;
+                    session.vrings[index].parked = false;
+                }
+                Err(RequestError::Unmapped { user_addr, .. })
+                    if park || session.vrings[index].parked =>
+                {
+                    want[index] = false;
+                    if !session.vrings[index].parked {
+                        tracing::warn!(
+                            queue = index,
+                            user_addr,
+                            "vhost-user ring stopped: its memory was removed; it resumes when \
+                             a region holding it is added"
+                        );
+                    }
+                    session.vrings[index].parked = true;
+                }
                 Err(error) => {
                     want[index] = false;
                     result = Err(error);
@@ -588,6 +643,7 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
             avail: available,
             used,
         });
+        session.vrings[i].parked = false;
         let restart = session.live[i];
         self.apply_reply(&mut session, restart)
     }
@@ -775,20 +831,72 @@ impl VhostUserBackendReqHandler for VhostUserBlk {
     }
 
     fn get_max_mem_slots(&self) -> Result<u64> {
-        Err(RequestError::Unsupported("CONFIGURE_MEM_SLOTS").into())
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
         &self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
-        Err(RequestError::Unsupported("CONFIGURE_MEM_SLOTS").into())
+        let region = MemoryRegion {
+            guest_phys_addr: region.guest_phys_addr,
+            memory_size: region.memory_size,
+            user_addr: region.user_addr,
+            mmap_offset: region.mmap_offset,
+        };
+        let mut session = self.session.lock();
+        let table = session
+            .memory
+            .as_ref()
+            .map_or_else(MemoryTable::empty, Clone::clone)
+            .with_region(&region, &fd, MAX_MEM_SLOTS)
+            .map_err(RequestError::Memory)?;
+        tracing::debug!(
+            guest_phys_addr = region.guest_phys_addr,
+            memory_size = region.memory_size,
+            user_addr = region.user_addr,
+            regions = table.regions().len(),
+            "vhost-user memory region added"
+        );
+        session.memory = Some(table);
+        // Parked rings may live in the new region; running ones need the new memory for
+        // requests that use it.
+        self.apply_with(&mut session, true, true)?;
+        Ok(None)
     }
 
-    fn remove_mem_region(&self, _region: &VhostUserSingleMemoryRegion) -> Result<()> {
-        Err(RequestError::Unsupported("CONFIGURE_MEM_SLOTS").into())
+    fn remove_mem_region(&self, region: &VhostUserSingleMemoryRegion) -> Result<()> {
+        let named = MemoryRegion {
+            guest_phys_addr: region.guest_phys_addr,
+            memory_size: region.memory_size,
+            user_addr: region.user_addr,
+            mmap_offset: region.mmap_offset,
+        };
+        let mut session = self.session.lock();
+        let table = session
+            .memory
+            .as_ref()
+            .and_then(|table| table.without_region(&named))
+            .ok_or(RequestError::UnknownRegion {
+                guest_phys_addr: named.guest_phys_addr,
+                memory_size: named.memory_size,
+                user_addr: named.user_addr,
+            })?;
+        tracing::debug!(
+            guest_phys_addr = named.guest_phys_addr,
+            memory_size = named.memory_size,
+            user_addr = named.user_addr,
+            regions = table.regions().len(),
+            "vhost-user memory region removed"
+        );
+        session.memory = Some(table);
+        // Waits for the requests in flight (they finish in the old memory, which they keep
+        // mapped), then runs the rings in the new table: a request read from a ring after
+        // this that points into the removed region fails with an I/O error status.
+        self.apply_with(&mut session, true, true)?;
+        Ok(())
     }
 
     fn set_device_state_fd(

@@ -1,6 +1,19 @@
-//! The frontend's memory table: the regions `SET_MEM_TABLE` hands over, mapped from their
-//! file descriptors into one [`GuestMemory`], and the translation of the frontend's own
-//! (user) addresses, which is what `SET_VRING_ADDR` carries, to guest physical addresses.
+//! The frontend's memory table: the regions it shares, each mapped from its file descriptor,
+//! together one [`GuestMemory`], and the translation of the frontend's own (user) addresses,
+//! which is what `SET_VRING_ADDR` carries, to guest physical addresses.
+//!
+//! A frontend describes the table whole (`SET_MEM_TABLE`: QEMU without
+//! `CONFIGURE_MEM_SLOTS`, User-Mode Linux) or region by region (`ADD_MEM_REG`, `REM_MEM_REG`:
+//! libblkio, QEMU with `CONFIGURE_MEM_SLOTS`). Regions may have any size and alignment the
+//! protocol allows: libblkio's ring region is as long as its rings (15120 bytes for one
+//! 256-entry queue), and its guest addresses are its own virtual addresses.
+//!
+//! A [`MemoryTable`] never changes. Adding or removing a region makes a new table that
+//! shares the mappings of the regions that stay ([`MemoryTable::with_region`],
+//! [`MemoryTable::without_region`]); a region is unmapped when the last table, and the last
+//! [`GuestMemory`] handle a request in flight holds, lets go of it. So a request that started
+//! before its memory was removed finishes on memory that is still mapped in this process,
+//! never on a stale pointer.
 
 use guestmem::{BuildError, GuestMemory};
 use std::fs::File;
@@ -22,6 +35,12 @@ pub struct MemoryRegion {
 
 /// Size of one region in a `SET_MEM_TABLE` body: address, size, user address, file offset.
 pub const REGION_BYTES: usize = 32;
+
+/// The most regions a table holds when the frontend adds them one by one: what
+/// `GET_MAX_MEM_SLOTS` answers and `ADD_MEM_REG` enforces. The number libvhost-user and
+/// QEMU's own backends announce (KVM's 509 usable memory slots on x86), so that a frontend
+/// that describes a VM's memory to several backends is limited by none of ours.
+pub const MAX_MEM_SLOTS: usize = 509;
 
 /// The regions of a `SET_MEM_TABLE` message body: a 32-bit region count, 4 bytes of
 /// padding, then [`REGION_BYTES`] per region (guest physical address, size, user address,
@@ -54,9 +73,22 @@ pub fn decode_mem_table(body: &[u8], max_regions: usize) -> Option<Vec<MemoryReg
     Some(regions)
 }
 
-/// Mapping a memory table failed. The old table, if any, stays in use.
+/// Mapping a memory table or a region failed. The old table, if any, stays in use.
 #[derive(Debug, Error)]
 pub enum MapMemoryError {
+    /// A region of no bytes.
+    #[error("memory region {index} is empty")]
+    Empty {
+        /// The region's position in the table.
+        index: usize,
+    },
+    /// Adding the region would make the table larger than the frontend was told it may be
+    /// ([`MAX_MEM_SLOTS`]).
+    #[error("the memory table already holds the most regions it may ({max})")]
+    TooMany {
+        /// The most regions a table holds.
+        max: usize,
+    },
     /// The number of file descriptors differs from the number of regions.
     #[error("memory table has {regions} regions but {files} file descriptors")]
     FileCount {
@@ -65,7 +97,7 @@ pub enum MapMemoryError {
         /// File descriptors attached.
         files: usize,
     },
-    /// A region's end overflows its file offset or the user address space.
+    /// A region's end overflows its file offset, or the user or guest address space.
     #[error("memory region {index} overflows the address space")]
     Overflow {
         /// The region's position in the table.
@@ -91,7 +123,7 @@ pub enum MapMemoryError {
         #[source]
         source: std::io::Error,
     },
-    /// A region could not be mapped (unaligned, too large, or `mmap` refused).
+    /// A region could not be mapped (too large for this host, or `mmap` refused).
     #[error("cannot map memory region {index}")]
     Map {
         /// The region's position in the table.
@@ -108,16 +140,30 @@ pub enum MapMemoryError {
 /// A mapped memory table.
 #[derive(Debug, Clone)]
 pub struct MemoryTable {
+    /// Every region's memory, for the device.
     memory: GuestMemory,
+    /// The regions as the frontend described them, in the order it did.
     regions: Vec<MemoryRegion>,
+    /// Each region's own mapping, in the order of `regions`: what a new table shares.
+    mappings: Vec<GuestMemory>,
 }
 
 impl MemoryTable {
+    /// A table without regions, which [`with_region`](Self::with_region) adds to.
+    pub fn empty() -> Self {
+        Self {
+            memory: GuestMemory::empty(),
+            regions: Vec::new(),
+            mappings: Vec::new(),
+        }
+    }
+
     /// Maps `files[i]` for `regions[i]`, shared and writable.
     ///
-    /// Every region must be page-aligned in guest physical address, size and file offset,
-    /// lie inside its file (for regular files, which are what memfds and shared-memory
-    /// files are), and no two regions may overlap in guest physical addresses.
+    /// Every region must be non-empty, lie inside its file (for regular files, which are
+    /// what memfds and shared-memory files are) and inside the address spaces, and no two
+    /// regions may overlap in guest physical addresses. Sizes, addresses and file offsets
+    /// need no alignment.
     pub fn map(regions: &[MemoryRegion], files: &[File]) -> Result<Self, MapMemoryError> {
         if regions.len() != files.len() {
             return Err(MapMemoryError::FileCount {
@@ -125,40 +171,80 @@ impl MemoryTable {
                 files: files.len(),
             });
         }
-        let mut builder = GuestMemory::builder();
-        for (index, (region, file)) in regions.iter().zip(files).enumerate() {
-            let end = region
-                .mmap_offset
-                .checked_add(region.memory_size)
-                .ok_or(MapMemoryError::Overflow { index })?;
-            region
-                .user_addr
-                .checked_add(region.memory_size)
-                .ok_or(MapMemoryError::Overflow { index })?;
-            let metadata = file
-                .metadata()
-                .map_err(|source| MapMemoryError::Stat { index, source })?;
-            if metadata.is_file() && end > metadata.len() {
-                return Err(MapMemoryError::PastEndOfFile {
-                    index,
-                    end,
-                    file_len: metadata.len(),
-                });
-            }
-            builder = builder
-                .file(
-                    region.guest_phys_addr,
-                    region.memory_size,
-                    file.as_fd(),
-                    region.mmap_offset,
-                    true,
-                )
-                .map_err(|source| MapMemoryError::Map { index, source })?;
+        let mappings = regions
+            .iter()
+            .zip(files)
+            .enumerate()
+            .map(|(index, (region, file))| map_region(index, region, file))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble(regions.to_vec(), mappings)
+    }
+
+    /// This table with `region` added, mapped from `file` (`ADD_MEM_REG`), checked as
+    /// [`map`](Self::map) checks each region; at most `max_regions` regions in all. The
+    /// regions already there are shared, not mapped again.
+    pub fn with_region(
+        &self,
+        region: &MemoryRegion,
+        file: &File,
+        max_regions: usize,
+    ) -> Result<Self, MapMemoryError> {
+        let index = self.regions.len();
+        if index >= max_regions {
+            return Err(MapMemoryError::TooMany { max: max_regions });
         }
-        let memory = builder.build().map_err(MapMemoryError::Overlap)?;
+        let mapping = map_region(index, region, file)?;
+        let mut regions = self.regions.clone();
+        regions.push(*region);
+        let mut mappings = self.mappings.clone();
+        mappings.push(mapping);
+        Self::assemble(regions, mappings)
+    }
+
+    /// This table without the region that has `region`'s guest address, size and user
+    /// address (`REM_MEM_REG`; its file offset is not compared), or `None` if no region
+    /// matches. Memory the removed region holds stays mapped while older tables or their
+    /// [`GuestMemory`] handles live.
+    pub fn without_region(&self, region: &MemoryRegion) -> Option<Self> {
+        let index = self.regions.iter().position(|r| {
+            r.guest_phys_addr == region.guest_phys_addr
+                && r.memory_size == region.memory_size
+                && r.user_addr == region.user_addr
+        })?;
+        let mut regions = self.regions.clone();
+        regions.remove(index);
+        let mut mappings = self.mappings.clone();
+        mappings.remove(index);
+        // The regions left passed every check when they were added, together.
+        let memory = mappings
+            .iter()
+            .fold(GuestMemory::builder(), |builder, mapping| {
+                builder.include(mapping)
+            })
+            .build()
+            .ok()?;
+        Some(Self {
+            memory,
+            regions,
+            mappings,
+        })
+    }
+
+    fn assemble(
+        regions: Vec<MemoryRegion>,
+        mappings: Vec<GuestMemory>,
+    ) -> Result<Self, MapMemoryError> {
+        let memory = mappings
+            .iter()
+            .fold(GuestMemory::builder(), |builder, mapping| {
+                builder.include(mapping)
+            })
+            .build()
+            .map_err(MapMemoryError::Overlap)?;
         Ok(Self {
             memory,
-            regions: regions.to_vec(),
+            regions,
+            mappings,
         })
     }
 
@@ -173,13 +259,57 @@ impl MemoryTable {
     }
 
     /// The guest physical address of the frontend's user address `user_addr`, or `None` if
-    /// no region holds it.
+    /// no region holds it. Where regions overlap in user addresses (the same memory at two
+    /// guest addresses), the first region of the table that holds it answers.
     pub fn translate(&self, user_addr: u64) -> Option<u64> {
         self.regions.iter().find_map(|region| {
             let offset = user_addr.checked_sub(region.user_addr)?;
             (offset < region.memory_size).then(|| region.guest_phys_addr + offset)
         })
     }
+}
+
+/// Checks `region` (at position `index` of its table) against its file and maps it.
+fn map_region(
+    index: usize,
+    region: &MemoryRegion,
+    file: &File,
+) -> Result<GuestMemory, MapMemoryError> {
+    if region.memory_size == 0 {
+        return Err(MapMemoryError::Empty { index });
+    }
+    let end = region
+        .mmap_offset
+        .checked_add(region.memory_size)
+        .ok_or(MapMemoryError::Overflow { index })?;
+    region
+        .user_addr
+        .checked_add(region.memory_size)
+        .ok_or(MapMemoryError::Overflow { index })?;
+    region
+        .guest_phys_addr
+        .checked_add(region.memory_size)
+        .ok_or(MapMemoryError::Overflow { index })?;
+    let metadata = file
+        .metadata()
+        .map_err(|source| MapMemoryError::Stat { index, source })?;
+    if metadata.is_file() && end > metadata.len() {
+        return Err(MapMemoryError::PastEndOfFile {
+            index,
+            end,
+            file_len: metadata.len(),
+        });
+    }
+    GuestMemory::builder()
+        .file(
+            region.guest_phys_addr,
+            region.memory_size,
+            file.as_fd(),
+            region.mmap_offset,
+            true,
+        )
+        .and_then(|builder| builder.build())
+        .map_err(|source| MapMemoryError::Map { index, source })
 }
 
 #[cfg(test)]
@@ -275,12 +405,15 @@ mod tests {
             MapMemoryError::Overflow { index: 0 }
         ));
         assert!(matches!(
-            fail(&[region(100, PAGE, 0, 0)], &[memfd(PAGE)]),
-            MapMemoryError::Map { index: 0, .. }
+            fail(&[region(u64::MAX - 10, PAGE, 0, 0)], &[memfd(PAGE)]),
+            MapMemoryError::Overflow { index: 0 }
         ));
         assert!(matches!(
-            fail(&[region(0, PAGE, 0, 100)], &[memfd(2 * PAGE)]),
-            MapMemoryError::Map { index: 0, .. }
+            fail(
+                &[region(0, PAGE, 0, 0), region(PAGE, 0, 0, 0)],
+                &[memfd(PAGE), memfd(PAGE)]
+            ),
+            MapMemoryError::Empty { index: 1 }
         ));
         assert!(matches!(
             fail(
@@ -289,5 +422,124 @@ mod tests {
             ),
             MapMemoryError::Overlap(_)
         ));
+    }
+
+    /// Regions need no alignment: libblkio's rings are one region exactly as long as they
+    /// are, at the address it has them mapped, and any region may start inside a page of
+    /// its file.
+    #[test]
+    fn regions_of_any_size_and_offset_map() {
+        let user = 0x7f3a_1234_5000;
+        let table = MemoryTable::map(
+            &[
+                region(user, 15120, user, 0),
+                region(0x1_0000_0100, 1000, 0x7f00_0000_0100, PAGE + 0x100),
+            ],
+            &[memfd(15120), memfd(2 * PAGE)],
+        )
+        .expect("map");
+        assert_eq!(table.translate(user + 15119), Some(user + 15119));
+        assert_eq!(table.translate(user + 15120), None);
+        assert_eq!(
+            table.translate(0x7f00_0000_0100 + 999),
+            Some(0x1_0000_0100 + 999)
+        );
+        table
+            .memory()
+            .write_plain(user + 15116, &1u32)
+            .expect("last bytes");
+        assert!(table.memory().read_plain::<u32>(user + 15118).is_err());
+    }
+
+    #[test]
+    fn regions_are_added_and_removed() {
+        let (a, b) = (memfd(4 * PAGE), memfd(PAGE));
+        let first = region(0, 4 * PAGE, 0x7f00_0000_0000, 0);
+        let second = region(1 << 32, 100, 0x7f10_0000_0000, 8);
+        let table = MemoryTable::empty()
+            .with_region(&first, &a, MAX_MEM_SLOTS)
+            .expect("add")
+            .with_region(&second, &b, MAX_MEM_SLOTS)
+            .expect("add");
+        assert_eq!(table.regions(), [first, second]);
+        table
+            .memory()
+            .write_plain((1 << 32) + 96, &5u32)
+            .expect("write");
+        // Removal names the region by guest address, size and user address; the file
+        // offset may differ (the protocol says to ignore it).
+        let smaller = table
+            .without_region(&MemoryRegion {
+                mmap_offset: 0,
+                ..second
+            })
+            .expect("remove");
+        assert_eq!(smaller.regions(), [first]);
+        assert_eq!(smaller.translate(0x7f10_0000_0000), None);
+        assert!(smaller.memory().read_plain::<u32>(1 << 32).is_err());
+        // The old table (what requests in flight hold) still reaches the removed memory.
+        assert_eq!(table.memory().read_plain::<u32>((1 << 32) + 96).unwrap(), 5);
+        drop(table);
+        let empty = smaller.without_region(&first).expect("remove the last");
+        assert!(empty.regions().is_empty());
+        assert!(empty.memory().read_plain::<u8>(0).is_err());
+    }
+
+    #[test]
+    fn hostile_region_changes_are_refused() {
+        let file = memfd(4 * PAGE);
+        let base = region(0, 2 * PAGE, 0x7f00_0000_0000, 0);
+        let table = MemoryTable::empty()
+            .with_region(&base, &file, 3)
+            .expect("add");
+        let add = |r: MemoryRegion| table.with_region(&r, &file, 3).map(|_| ());
+        assert!(matches!(
+            add(region(PAGE, PAGE, 0x7f10_0000_0000, 0)),
+            Err(MapMemoryError::Overlap(_))
+        ));
+        assert!(matches!(add(base), Err(MapMemoryError::Overlap(_))));
+        assert!(matches!(
+            add(region(1 << 32, 0, 0x7f10_0000_0000, 0)),
+            Err(MapMemoryError::Empty { index: 1 })
+        ));
+        assert!(matches!(
+            add(region(1 << 32, u64::MAX, 0x7f10_0000_0000, 0)),
+            Err(MapMemoryError::Overflow { index: 1 })
+        ));
+        assert!(matches!(
+            add(region(u64::MAX - PAGE + 1, 2 * PAGE, 0x7f10_0000_0000, 0)),
+            Err(MapMemoryError::Overflow { index: 1 })
+        ));
+        assert!(matches!(
+            add(region(1 << 32, PAGE, 0x7f10_0000_0000, 4 * PAGE - 1)),
+            Err(MapMemoryError::PastEndOfFile { index: 1, .. })
+        ));
+        // One more region fits; the one after does not.
+        let full = table
+            .with_region(&region(1 << 32, PAGE, 0x7f10_0000_0000, 0), &file, 3)
+            .expect("second")
+            .with_region(&region(2 << 32, PAGE, 0x7f20_0000_0000, 0), &file, 3)
+            .expect("third");
+        assert!(matches!(
+            full.with_region(&region(3 << 32, PAGE, 0x7f30_0000_0000, 0), &file, 3),
+            Err(MapMemoryError::TooMany { max: 3 })
+        ));
+        // Removal must name a region exactly.
+        assert!(
+            table
+                .without_region(&region(0, PAGE, 0x7f00_0000_0000, 0))
+                .is_none()
+        );
+        assert!(
+            table
+                .without_region(&region(0, 2 * PAGE, 0x7f00_0000_1000, 0))
+                .is_none()
+        );
+        assert!(
+            table
+                .without_region(&region(PAGE, 2 * PAGE, 0x7f00_0000_0000, 0))
+                .is_none()
+        );
+        assert!(MemoryTable::empty().without_region(&base).is_none());
     }
 }

@@ -167,13 +167,18 @@ impl TestFrontend {
     }
 
     pub fn set_mem_table(&self) -> vhost::Result<Option<Vec<u64>>> {
-        self.frontend.set_mem_table(&[VhostUserMemoryRegionInfo {
+        self.frontend.set_mem_table(&[self.memory_region()])
+    }
+
+    /// Guest memory as one region: the memfd at guest address 0, mapped at [`USER_BASE`].
+    pub fn memory_region(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_BYTES,
             userspace_addr: USER_BASE,
             mmap_offset: 0,
             mmap_handle: self.memfd.as_raw_fd(),
-        }])
+        }
     }
 
     /// Replaces the connection with a new one to `handler` (served on a new thread), keeping
@@ -284,7 +289,8 @@ impl TestFrontend {
         Ok((call, kick))
     }
 
-    fn alloc(&mut self, len: u64) -> u64 {
+    /// Room for `len` bytes in the data area of guest memory: its guest address.
+    pub fn alloc(&mut self, len: u64) -> u64 {
         let addr = self.next_data;
         self.next_data = (addr + len).next_multiple_of(512);
         assert!(self.next_data <= MEM_BYTES, "test data area exhausted");
@@ -312,6 +318,30 @@ impl TestFrontend {
         let data = self.alloc(u64::from(data_len.max(1)));
         let status = self.alloc(1);
         self.mem.write_at(data, payload).expect("payload");
+        let mut chain = Vec::new();
+        if data_len > 0 {
+            chain.push((
+                data,
+                data_len,
+                if device_writes { ring::DESC_F_WRITE } else { 0 },
+            ));
+        }
+        self.post_with(q, request_type, sector, header, &chain, status);
+        (status, data)
+    }
+
+    /// Posts a block request on queue `q` and kicks: the header at `header` (written here),
+    /// the data descriptors `data` as (guest address, length, flags) wherever they are, and
+    /// the status byte at `status` (set to 0xff here).
+    pub fn post_with(
+        &mut self,
+        q: u16,
+        request_type: u32,
+        sector: u64,
+        header: u64,
+        data: &[(u64, u32, u16)],
+        status: u64,
+    ) {
         let mut bytes = [0u8; 16];
         bytes[0..4].copy_from_slice(&request_type.to_le_bytes());
         bytes[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -320,13 +350,7 @@ impl TestFrontend {
         let queue = &self.queues[usize::from(q)];
         let head = queue.avail_idx % QUEUE_SIZE * 3 % QUEUE_SIZE;
         let mut chain = vec![(header, 16u32, 0u16)];
-        if data_len > 0 {
-            chain.push((
-                data,
-                data_len,
-                if device_writes { ring::DESC_F_WRITE } else { 0 },
-            ));
-        }
+        chain.extend_from_slice(data);
         chain.push((status, 1, ring::DESC_F_WRITE));
         let r = ring_base(q);
         let mut index = head;
@@ -354,7 +378,6 @@ impl TestFrontend {
             .expect("avail idx");
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         queue.kick.write(1).expect("kick");
-        (status, data)
     }
 
     /// Waits until queue `q` has used one more chain; returns its written length.
