@@ -9,7 +9,8 @@
 //! system time of all its threads).
 //!
 //! ```text
-//! cargo xtask bench export [--rounds N] [--seconds S] [--stack NAME]... [--job NAME]... [--queues N]...
+//! cargo xtask bench export [--rounds N] [--seconds S] [--stack NAME]... [--job NAME]...
+//!     [--queues N]... [--serve-arg ARG]...
 //! ```
 
 mod frontend;
@@ -113,6 +114,8 @@ struct Options {
     jobs: Vec<String>,
     queues: Vec<usize>,
     diskctl: PathBuf,
+    /// Extra arguments to `diskctl serve` (`--serve-arg=--poll-us=0`).
+    serve_args: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -123,6 +126,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         jobs: Vec::new(),
         queues: Vec::new(),
         diskctl: PathBuf::from("target/release/diskctl"),
+        serve_args: Vec::new(),
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
@@ -156,6 +160,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .ok_or("--queues takes 1 to 16")?,
             ),
             "--diskctl" => options.diskctl = PathBuf::from(value()?),
+            "--serve-arg" => options.serve_args.push(value()?),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -208,16 +213,17 @@ fn start(
     image: &Path,
     socket: &Path,
     queues: usize,
-    diskctl: &Path,
+    options: &Options,
 ) -> Result<Running, String> {
     let _ = std::fs::remove_file(socket);
     let mut command = match exporter {
         Exporter::Ours => {
-            let mut c = Command::new(diskctl);
+            let mut c = Command::new(&options.diskctl);
             c.arg("serve")
                 .arg("--vhost-user")
                 .arg(socket)
                 .args(["--queues", &queues.to_string()])
+                .args(&options.serve_args)
                 .arg(stack.ours.replace("IMAGE", &image.display().to_string()));
             c
         }
@@ -304,7 +310,7 @@ fn measure(
     options: &Options,
 ) -> Result<Sample, String> {
     let socket = dir.join("export.sock");
-    let running = start(exporter, stack, image, &socket, queues, &options.diskctl)?;
+    let running = start(exporter, stack, image, &socket, queues, options)?;
     let pid = running.child.id();
     let mut cpu = Vec::new();
     let measured: Measured = frontend::run(
