@@ -9,7 +9,7 @@
 //! system time of all its threads).
 //!
 //! ```text
-//! cargo xtask bench export [--rounds N] [--seconds S] [--stack NAME]... [--job NAME]...
+//! cargo xtask bench export [--rounds N] [--seconds S] [--stack file|blockdev-buffered|blockdev|ram]... [--job NAME]...
 //!     [--queues N]... [--serve-arg ARG]...
 //! ```
 
@@ -73,25 +73,33 @@ struct Stack {
     name: &'static str,
     /// Our spec, with `IMAGE` for the image's path.
     ours: &'static str,
-    /// qemu-storage-daemon's `cache.direct`.
-    direct: bool,
+    /// qemu-storage-daemon's `--blockdev` (node name `disk`), with `IMAGE` for the image's
+    /// path and `AIO` for the I/O mode.
+    qsd: &'static str,
 }
 
-const STACKS: [Stack; 3] = [
+const STACKS: [Stack; 4] = [
     Stack {
         name: "file",
         ours: "file:IMAGE",
-        direct: false,
+        qsd: "driver=file,node-name=disk,filename=IMAGE,cache.direct=off,aio=AIO",
     },
     Stack {
         name: "blockdev-buffered",
         ours: "blockdev(IMAGE, buffered)",
-        direct: false,
+        qsd: "driver=file,node-name=disk,filename=IMAGE,cache.direct=off,aio=AIO",
     },
     Stack {
         name: "blockdev",
         ours: "blockdev(IMAGE)",
-        direct: true,
+        qsd: "driver=file,node-name=disk,filename=IMAGE,cache.direct=on,aio=AIO",
+    },
+    // Memory on both sides (reads of zeros): what the export itself costs, and how it
+    // scales with queues. Not in the default set.
+    Stack {
+        name: "ram",
+        ours: "ram(size=1G)",
+        qsd: "driver=null-co,node-name=disk,size=1073741824,read-zeroes=on",
     },
 ];
 
@@ -235,11 +243,12 @@ fn start(
             };
             let mut c = Command::new("qemu-storage-daemon");
             c.arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=disk,filename={},cache.direct={},aio={aio}",
-                    image.display(),
-                    if stack.direct { "on" } else { "off" }
-                ))
+                .arg(
+                    stack
+                        .qsd
+                        .replace("IMAGE", &image.display().to_string())
+                        .replace("AIO", aio),
+                )
                 .arg("--export")
                 .arg(format!(
                     "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
@@ -403,10 +412,13 @@ fn compare(options: &Options, dir: &Path) -> Result<(), String> {
         "lat-qsd",
         "lat-r"
     );
-    for stack in STACKS
-        .iter()
-        .filter(|s| options.stacks.is_empty() || options.stacks.iter().any(|n| n == s.name))
-    {
+    for stack in STACKS.iter().filter(|s| {
+        if options.stacks.is_empty() {
+            s.name != "ram"
+        } else {
+            options.stacks.iter().any(|n| n == s.name)
+        }
+    }) {
         for job in JOBS
             .iter()
             .filter(|j| options.jobs.is_empty() || options.jobs.iter().any(|n| n == j.name))
