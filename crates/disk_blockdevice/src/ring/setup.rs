@@ -175,9 +175,14 @@ impl Ring {
         } else {
             // The completion queue is twice the slots, so it can never overflow.
             builder.setup_cqsize(entries * 2);
-            // Not COOP_TASKRUN: it made no measurable difference (benchmarks.md), and it
-            // would hold back the completions of a submitter that computes without entering
-            // the kernel.
+            if fd.is_none() {
+                // A thread's ring: its thread enters the kernel all the time (its wait loop
+                // polls), so completions' task work need not interrupt it with an IPI each.
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            // Not COOP_TASKRUN on a disk's ring: it made no measurable difference
+            // (benchmarks.md), and it would hold back the completions of a submitter that
+            // computes without entering the kernel.
         }
         // With `SUBMIT_ALL` (Linux 5.18) an entry the kernel fails to set up completes with
         // its error instead of ending the submission there, leaving the entries after it
